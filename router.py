@@ -1,0 +1,301 @@
+"""Cross-layer routing for SiT: how the input of every sublayer is made from the outputs before it.
+
+The backbone (model.py) calls, for each forward pass, `route = router.start(v0, t_emb)` and then, for
+sublayers l = 1..2L in order, `h_l = route.read(shift_l, scale_l)` and `route.write(v_l)`; the final
+layer calls `route.read_final(shift, scale)`. Symbols are those of SPEC.md sections 2-4.
+
+    router = build_router("dar", depth=12, hidden_size=128, query="static", chunk=4)
+
+Routers:
+  residual  the SiT baseline: h_l = v_0 + sum_{i<l} v_i
+  unet      residual plus U-ViT long skips: the second half of the blocks fuses the first half's outputs
+  dar       Diffusion-Adaptive Routing (paper Eq. 5): h_l = softmax-weighted sum over the sources V_l,
+            with a static, timestep or dynamic query (Eq. 6) and chunked aggregation (chunk S)
+Also here: the REPA projector and loss (SPEC section 4), which read the hidden state a block hands on.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTERS = ("residual", "unet", "dar")
+QUERIES = ("static", "timestep", "dynamic")
+RMS_EPS = 1e-6
+
+
+def build_router(name, depth, hidden_size, query="static", chunk=1):
+    """The router named as on the command line (`--router dar --query static --chunk 4`)."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose one of: {', '.join(ROUTERS)}")
+    if query not in QUERIES:
+        raise ValueError(f"unknown query {query!r}; choose one of: {', '.join(QUERIES)}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1 (1 is dense DAR), got {chunk!r}")
+    if name == "residual":
+        return ResidualRouter(depth)
+    if name == "unet":
+        return UNetRouter(depth, hidden_size)
+    return DARRouter(depth, hidden_size, query, chunk)
+
+
+@dataclass
+class Trace:
+    """What a forward pass records when asked (diagnostics, plots).
+
+    hidden[k-1]: the hidden state block k hands on (the input of sublayer 2k+1; h_final for k = L).
+    alpha[l-1]: DAR routing weights of consumer l (sublayer l, and 2L+1 for the final aggregator),
+    [B, T, N] with per_token=True, else averaged over tokens to [B, N]. Empty for other routers.
+    """
+    per_token: bool = False
+    hidden: list = field(default_factory=list)
+    alpha: list = field(default_factory=list)
+
+
+class Route:
+    """The state of one forward pass: tracks the sublayer index and records what a Trace asks for."""
+
+    def __init__(self, depth, trace, keep_hidden):
+        self.depth = depth
+        self.written = 0  # number of sublayer outputs v_1..v_l handed in so far
+        self.trace = trace
+        self.keep_hidden = trace is not None or keep_hidden is not None
+        self.handed_on = []
+
+    def read(self, shift, scale):
+        """h_{l+1}: the input of the next sublayer."""
+        h = self.aggregate(self.written, shift, scale)
+        if self.written > 0 and self.written % 2 == 0:
+            self._hand_on(h)
+        return h
+
+    def read_final(self, shift, scale):
+        """h_final: what the final layer reads."""
+        h = self.aggregate(2 * self.depth, shift, scale, final=True)
+        self._hand_on(h)
+        return h
+
+    def write(self, v):
+        self.add(v)
+        self.written += 1
+
+    def _hand_on(self, h):
+        if self.keep_hidden:
+            self.handed_on.append(h)
+            if self.trace is not None:
+                self.trace.hidden.append(h)
+
+    def record_alpha(self, alpha):
+        if self.trace is not None:
+            self.trace.alpha.append(alpha if self.trace.per_token else alpha.mean(dim=1))
+
+
+#################################################################################
+#                     residual: the SiT baseline, bit for bit                    #
+#################################################################################
+
+class ResidualRouter(nn.Module):
+    zero_timestep_embedding = False
+
+    def __init__(self, depth):
+        super().__init__()
+        self.depth = depth
+
+    def reset_parameters(self):
+        pass
+
+    def start(self, v0, t_emb, trace=None, keep_hidden=None):
+        return ResidualRoute(self, v0, trace, keep_hidden)
+
+
+class ResidualRoute(Route):
+    def __init__(self, router, v0, trace, keep_hidden):
+        super().__init__(router.depth, trace, keep_hidden)
+        self.stream = v0
+
+    def aggregate(self, l, shift, scale, final=False):
+        return self.stream  # h_l = v_0 + sum_{i=1}^{l-1} v_i
+
+    def add(self, v):
+        self.stream = self.stream + v
+
+
+#################################################################################
+#                      unet: U-ViT long skips (paper Sec. 4.1)                   #
+#################################################################################
+
+class UNetRouter(nn.Module):
+    """Residual stream, plus: block L-1-j (0-based) starts from skip_linears[j](concat[stream, skip_j]),
+    skip_j the output of block j, for j < L // 2 (an odd L leaves the middle block without a skip)."""
+    zero_timestep_embedding = False
+
+    def __init__(self, depth, hidden_size):
+        super().__init__()
+        self.depth = depth
+        self.skip_linears = nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2)])
+
+    def reset_parameters(self):
+        # Our choice (README): [I, 0] so that the untrained model is exactly the residual baseline.
+        for linear in self.skip_linears:
+            d = linear.out_features
+            with torch.no_grad():
+                linear.weight.zero_()
+                linear.weight[:, :d].copy_(torch.eye(d))
+                linear.bias.zero_()
+
+    def start(self, v0, t_emb, trace=None, keep_hidden=None):
+        return UNetRoute(self, v0, trace, keep_hidden)
+
+
+class UNetRoute(ResidualRoute):
+    def __init__(self, router, v0, trace, keep_hidden):
+        super().__init__(router, v0, trace, keep_hidden)
+        self.skip_linears = router.skip_linears
+        self.skips = []
+
+    def aggregate(self, l, shift, scale, final=False):
+        block = l // 2  # 0-based block that reads h_{l+1}
+        j = self.depth - 1 - block
+        if not final and l % 2 == 0 and j < len(self.skip_linears):
+            self.stream = self.skip_linears[j](torch.cat([self.stream, self.skips[j]], dim=-1))
+        return self.stream
+
+    def add(self, v):
+        super().add(v)
+        block_done = (self.written + 1) % 2 == 0
+        if block_done and len(self.skips) < len(self.skip_linears):
+            self.skips.append(self.stream)
+
+
+#################################################################################
+#                   dar: Diffusion-Adaptive Routing (paper Eq. 5, 6)             #
+#################################################################################
+
+def dar_mix(sources, query, gain, eps=RMS_EPS):
+    """Eq. 5 for one consumer: h = sum_i alpha_i s_i, alpha = softmax_i(q . RMSNorm(s_i) / sqrt(d)).
+
+    sources: list of N tensors [B, T, d] (kept as a list: stacking would copy the whole history).
+    query: [d] (static), [B, 1, d] (timestep) or [B, T, d] (dynamic). gain: [d], the RMSNorm gain.
+    Returns h [B, T, d] and alpha [B, T, N]. Half-precision inputs are accumulated in float32.
+    The key RMSNorm(s_i) = g * s_i / rms(s_i) is never materialized: q . k_i = ((q * g) . s_i) / rms(s_i).
+    """
+    d = sources[0].shape[-1]
+    qg = _accumulation_dtype(query * gain)
+    logits = []
+    for s in sources:
+        s = _accumulation_dtype(s)
+        inv_rms = torch.rsqrt(s.pow(2).mean(dim=-1) + eps)
+        logits.append(torch.linalg.vecdot(s, qg) * inv_rms / math.sqrt(d))  # z_i = q . k_i / sqrt(d)
+    alpha = torch.stack(logits, dim=-1).softmax(dim=-1)  # Eq. 5: softmax over sources, per token
+    h = alpha[..., 0, None] * sources[0]
+    for i in range(1, len(sources)):
+        h = h + alpha[..., i, None] * sources[i]
+    return h, alpha
+
+
+def _accumulation_dtype(x):
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class SourceMixer(nn.Module):
+    """The routing parameters of one consumer l: RMSNorm_l gain and query w_l (or W_l, dynamic)."""
+
+    def __init__(self, hidden_size, query):
+        super().__init__()
+        self.query_kind = query
+        self.gain = nn.Parameter(torch.ones(hidden_size))
+        if query == "dynamic":
+            self.query_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        else:
+            self.query = nn.Parameter(torch.zeros(hidden_size))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.gain)
+        if self.query_kind == "dynamic":
+            nn.init.zeros_(self.query_proj.weight)
+        else:
+            nn.init.zeros_(self.query)
+
+    def make_query(self, sources, shift, scale, t_emb):
+        """Eq. 6: static q_l = w_l; timestep q_l = w_l + e(t); dynamic q_l = W_l u_l per token."""
+        if self.query_kind == "static":
+            return self.query
+        if self.query_kind == "timestep":
+            return (self.query + t_emb).unsqueeze(1)
+        s_last = sources[-1]
+        u = F.layer_norm(s_last, s_last.shape[-1:], eps=1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return self.query_proj(u)
+
+
+class DARRouter(nn.Module):
+    """mixers[l-1] holds the routing parameters of sublayer l = 1..2L; mixers[2L] is the final aggregator."""
+
+    def __init__(self, depth, hidden_size, query, chunk):
+        super().__init__()
+        self.depth = depth
+        self.query = query
+        self.chunk = chunk
+        self.zero_timestep_embedding = query == "timestep"  # so that timestep == static at step 0
+        self.mixers = nn.ModuleList([SourceMixer(hidden_size, query) for _ in range(2 * depth + 1)])
+
+    def reset_parameters(self):
+        for mixer in self.mixers:
+            mixer.reset_parameters()
+
+    def start(self, v0, t_emb, trace=None, keep_hidden=None):
+        return DARRoute(self, v0, t_emb, trace, keep_hidden)
+
+
+class DARRoute(Route):
+    """Chunked aggregation (SPEC section 3). Sublayer l in chunk m reads
+    V_l = [v_0, c_1, ..., c_{m-1}, v_{(m-1)S+1}, ..., v_{l-1}]: only these 1 + M + S tensors stay referenced."""
+
+    def __init__(self, router, v0, t_emb, trace, keep_hidden):
+        super().__init__(router.depth, trace, keep_hidden)
+        self.mixers = router.mixers
+        self.chunk = router.chunk
+        self.t_emb = t_emb
+        self.finished = [v0]  # v_0, then the summaries c_n of finished chunks
+        self.current = []  # raw outputs of the chunk being filled
+
+    def aggregate(self, l, shift, scale, final=False):
+        if not final and len(self.current) == self.chunk:  # sublayer l+1 opens a new chunk
+            summary = self.current[0]
+            for v in self.current[1:]:
+                summary = summary + v  # c_n = sum of the v_i in chunk n
+            self.finished.append(summary)
+            self.current = []
+        sources = self.finished + self.current
+        mixer = self.mixers[l]
+        h, alpha = dar_mix(sources, mixer.make_query(sources, shift, scale, self.t_emb), mixer.gain)
+        self.record_alpha(alpha)
+        return h
+
+    def add(self, v):
+        self.current.append(v)
+
+
+#################################################################################
+#                        REPA: representation alignment hook                     #
+#################################################################################
+
+class REPAProjector(nn.Sequential):
+    """Per-token MLP d -> 2048 -> 2048 -> z_dim with SiLU between (SPEC section 4)."""
+
+    def __init__(self, hidden_size, z_dim, projector_dim=2048):
+        super().__init__(
+            nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+            nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+            nn.Linear(projector_dim, z_dim),
+        )
+
+
+def repa_loss(projected, target):
+    """Mean over batch and tokens of -cos(projected, target), both [B, T, z_dim], normalized in float32."""
+    if projected.shape != target.shape:
+        raise ValueError(f"REPA: projected hidden states {tuple(projected.shape)} and encoder features "
+                         f"{tuple(target.shape)} must have the same [batch, tokens, z_dim] shape")
+    projected = F.normalize(projected.float(), dim=-1)
+    target = F.normalize(target.float(), dim=-1)
+    return -(projected * target).sum(dim=-1).mean()
