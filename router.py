@@ -22,22 +22,25 @@ import torch.nn.functional as F
 
 ROUTERS = ("residual", "unet", "dar")
 QUERIES = ("static", "timestep", "dynamic")
+KERNELS = ("auto", "torch", "triton")  # how DAR computes Eq. 5: see mix_sources
 RMS_EPS = 1e-6
 
 
-def build_router(name, depth, hidden_size, query="static", chunk=1):
-    """The router named as on the command line (`--router dar --query static --chunk 4`)."""
+def build_router(name, depth, hidden_size, query="static", chunk=1, kernel="auto"):
+    """The router named as on the command line (`--router dar --query static --chunk 4 --kernel auto`)."""
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; choose one of: {', '.join(ROUTERS)}")
     if query not in QUERIES:
         raise ValueError(f"unknown query {query!r}; choose one of: {', '.join(QUERIES)}")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1 (1 is dense DAR), got {chunk!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
     if name == "residual":
         return ResidualRouter(depth)
     if name == "unet":
         return UNetRouter(depth, hidden_size)
-    return DARRouter(depth, hidden_size, query, chunk)
+    return DARRouter(depth, hidden_size, query, chunk, kernel)
 
 
 @dataclass
@@ -194,6 +197,16 @@ def dar_mix(sources, query, gain, eps=RMS_EPS):
     return h, alpha
 
 
+def mix_sources(sources, query, gain, kernel="auto", need_alpha=True):
+    """Eq. 5 with the chosen implementation: kernel "torch" is dar_mix, "triton" the fused kernel of
+    router_triton (imported only here, so that the rest of the project never needs triton), "auto" the
+    fused kernel for CUDA sources and dar_mix elsewhere. alpha may be None when need_alpha is False."""
+    if kernel == "torch" or (kernel == "auto" and not sources[0].is_cuda):
+        return dar_mix(sources, query, gain)
+    from router_triton import fused_dar_mix
+    return fused_dar_mix(sources, query, gain, return_alpha=need_alpha)
+
+
 def _accumulation_dtype(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -231,8 +244,9 @@ class SourceMixer(nn.Module):
 class DARRouter(nn.Module):
     """mixers[l-1] holds the routing parameters of sublayer l = 1..2L; mixers[2L] is the final aggregator."""
 
-    def __init__(self, depth, hidden_size, query, chunk):
+    def __init__(self, depth, hidden_size, query, chunk, kernel="auto"):
         super().__init__()
+        self.kernel = kernel
         self.depth = depth
         self.query = query
         self.chunk = chunk
@@ -255,6 +269,7 @@ class DARRoute(Route):
         super().__init__(router.depth, trace, keep_hidden)
         self.mixers = router.mixers
         self.chunk = router.chunk
+        self.kernel = router.kernel
         self.t_emb = t_emb
         self.finished = [v0]  # v_0, then the summaries c_n of finished chunks
         self.current = []  # raw outputs of the chunk being filled
@@ -268,7 +283,8 @@ class DARRoute(Route):
             self.current = []
         sources = self.finished + self.current
         mixer = self.mixers[l]
-        h, alpha = dar_mix(sources, mixer.make_query(sources, shift, scale, self.t_emb), mixer.gain)
+        query = mixer.make_query(sources, shift, scale, self.t_emb)
+        h, alpha = mix_sources(sources, query, mixer.gain, self.kernel, need_alpha=self.trace is not None)
         self.record_alpha(alpha)
         return h
 
