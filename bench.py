@@ -1,0 +1,225 @@
+"""Benchmarks, nanoGPT style: --op picks what to time; the repeats of all implementations are interleaved,
+summarized by their medians, and compared with plain PyTorch.
+
+    python bench.py --op router                                   # SiT-XL/2-sized, on the GPU if there is one
+    python bench.py --op router --device cpu --batch 2 --repeats 5
+    TRITON_INTERPRET=1 python bench.py --op router --device cpu --impls torch,triton --batch 1 --sources 4
+
+--op router: one DAR consumer (paper Eq. 5, SPEC section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
+256 tokens per image, d = 1152, N = 19 with chunk 4 and 57 dense), forward and backward, with
+  torch    router.dar_mix, the plain PyTorch reference
+  compile  torch.compile of it (compiled during the warm-up, which is not timed)
+  triton   router_triton.fused_dar_mix, the fused kernel (CUDA; on CPU only in Triton's interpreter,
+           TRITON_INTERPRET=1, which checks that the benchmark runs but whose times mean nothing)
+Memory: `saved` is what autograd keeps for the backward beyond the inputs and the output h, counted with
+saved_tensors_hooks (the same on every device); `peak` is the most memory allocated during the forward,
+or during forward+backward, above what was allocated before (CUDA: max_memory_allocated; CPU: the
+profiler's allocation events).
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from router import QUERIES, dar_mix
+
+MIB = 2 ** 20
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=sorted(OPS), required=True, help="what to benchmark")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: cuda when available")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs of each implementation")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, caches)")
+    parser.add_argument("--seed", type=int, default=0)
+    router = parser.add_argument_group("--op router")
+    router.add_argument("--batch", type=int, default=None, help="images; default 32 on cuda, 2 on cpu")
+    router.add_argument("--tokens", type=int, default=256, help="tokens per image (SiT-XL/2: 256)")
+    router.add_argument("--dim", type=int, default=1152, help="width d (SiT-XL/2: 1152)")
+    router.add_argument("--sources", default="19,57", help="comma-separated source counts N")
+    router.add_argument("--query", choices=QUERIES, default="static",
+                        help="static: [d]; timestep: [B, 1, d]; dynamic: [B, T, d]")
+    router.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
+                        help="dtype of the sources (accumulation is float32 for half precision)")
+    router.add_argument("--impls", default=None,
+                        help="comma-separated from torch,compile,triton; default all that run on the device")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+#################################################################################
+#                         timing and memory, any device                          #
+#################################################################################
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(run, exclude):
+    """Bytes of the distinct storages autograd saves for the backward while `run()` builds its graph,
+    not counting the storages of `exclude` (inputs) and of what run returns (the output)."""
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()
+    kept = {t.untyped_storage().data_ptr() for t in [*exclude, output]}
+    return sum(nbytes for pointer, nbytes in saved.items() if pointer not in kept)
+
+
+def peak_bytes(run, device):
+    """The most memory allocated while `run()` runs (its result included), above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = run()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    del result
+    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
+    allocated = peak = 0
+    for _, nbytes in events:
+        allocated += nbytes
+        peak = max(peak, allocated)
+    return peak
+
+
+def speedup(value, reference):
+    return f"{reference / value:.2f}x"
+
+
+def change(value, reference):
+    return f"{100 * (value - reference) / reference:+.1f}%" if reference else "n/a"
+
+
+def print_table(header, rows):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+#################################################################################
+#                     --op router: the DAR aggregation (Eq. 5)                   #
+#################################################################################
+
+def router_implementations(names, device):
+    implementations = {}
+    for name in names:
+        if name == "torch":
+            implementations[name] = lambda sources, query, gain: dar_mix(sources, query, gain)[0]
+        elif name == "compile":
+            implementations[name] = torch.compile(lambda sources, query, gain: dar_mix(sources, query, gain)[0])
+        elif name == "triton":
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise SystemExit("--impls triton: the fused kernel needs --device cuda (or TRITON_INTERPRET=1 "
+                                 "to run it in Triton's interpreter, which times nothing useful)")
+            from router_triton import fused_dar_mix
+            implementations[name] = lambda sources, query, gain: fused_dar_mix(
+                sources, query, gain, return_alpha=False)[0]
+        else:
+            raise SystemExit(f"--impls: unknown implementation {name!r}; choose from torch, compile, triton")
+    return implementations
+
+
+def router_inputs(args, n, device):
+    """N sources of different scales, a random query of the chosen kind, a gain near 1, and dLoss/dh."""
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    shape = (args.batch, args.tokens, args.dim)
+    sources = [(torch.randn(shape, device=device) * (1 + i % 3)).to(dtype).requires_grad_() for i in range(n)]
+    query_shape = {"static": shape[2:], "timestep": (args.batch, 1, args.dim), "dynamic": shape}[args.query]
+    query = torch.randn(query_shape, device=device).requires_grad_()
+    gain = (1 + 0.1 * torch.randn(args.dim, device=device)).requires_grad_()
+    grad_h = torch.randn(shape, device=device, dtype=torch.float64 if args.dtype == "float64" else torch.float32)
+    return [query, gain, *sources], grad_h
+
+
+def bench_router(args):
+    device = torch.device(args.device)
+    if args.batch is None:
+        args.batch = 32 if device.type == "cuda" else 2
+    counts = [int(n) for n in args.sources.split(",")]
+    if min(args.batch, args.tokens, args.dim, *counts) < 1:
+        raise SystemExit("--batch, --tokens, --dim and every --sources count must be >= 1")
+    names = (args.impls or ("torch,compile,triton" if device.type == "cuda" else "torch,compile")).split(",")
+    if names[0] != "torch":
+        names = ["torch"] + [name for name in names if name != "torch"]  # the reference of every ratio
+    implementations = router_implementations(names, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"DAR aggregation, {name}, {args.dtype}: batch {args.batch} x {args.tokens} tokens, d {args.dim}, "
+          f"{args.query} query; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up")
+    rows = []
+    for n in counts:
+        leaves, grad_h = router_inputs(args, n, device)
+        query, gain, *sources = leaves
+
+        def forward(implementation):
+            return implementation(sources, query, gain)
+
+        def forward_backward(implementation):
+            return torch.autograd.grad(forward(implementation), leaves, grad_h)
+
+        times = {name: {"fwd": [], "bwd": [], "total": []} for name in implementations}
+        for repeat in range(args.warmup + args.repeats):
+            for name, implementation in implementations.items():
+                synchronize(device)
+                start = time.perf_counter()
+                h = forward(implementation)
+                synchronize(device)
+                middle = time.perf_counter()
+                torch.autograd.grad(h, leaves, grad_h)
+                synchronize(device)
+                end = time.perf_counter()
+                del h
+                if repeat >= args.warmup:
+                    times[name]["fwd"].append(1e3 * (middle - start))
+                    times[name]["bwd"].append(1e3 * (end - middle))
+                    times[name]["total"].append(1e3 * (end - start))
+        stats = {}
+        for name, implementation in implementations.items():
+            stats[name] = {key: statistics.median(values) for key, values in times[name].items()}
+            stats[name]["saved"] = saved_bytes(lambda: forward(implementation), leaves) / MIB
+            stats[name]["peak fwd"] = peak_bytes(lambda: forward(implementation), device) / MIB
+            stats[name]["peak total"] = peak_bytes(lambda: forward_backward(implementation), device) / MIB
+        reference = stats["torch"]
+        for name, row in stats.items():
+            rows.append([name, str(n)]
+                        + [f"{row[key]:.2f} ({speedup(row[key], reference[key])})" for key in ("fwd", "bwd", "total")]
+                        + [f"{row[key]:.1f} ({change(row[key], reference[key])})"
+                           for key in ("saved", "peak fwd", "peak total")])
+    print_table(["impl", "N", "fwd ms", "bwd ms", "fwd+bwd ms", "saved for bwd MiB", "peak fwd MiB",
+                 "peak fwd+bwd MiB"], rows)
+
+
+OPS = {"router": bench_router}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    OPS[args.op](args)
+
+
+if __name__ == "__main__":
+    main()
