@@ -37,6 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each implementation")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, caches)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     router = parser.add_argument_group("--op router")
     router.add_argument("--batch", type=int, default=None, help="images; default 32 on cuda, 2 on cpu")
     router.add_argument("--tokens", type=int, default=256, help="tokens per image (SiT-XL/2: 256)")
@@ -55,6 +56,10 @@ def parse_args(argv=None):
         parser.error("--device cuda: no CUDA device is available")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     return args
 
 

@@ -60,7 +60,7 @@ def _mix_forward_kernel(
     query_rows = sample * query_stride_b + rows.to(tl.int64) * query_stride_t
     query_gain = (tl.load(query + query_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(acc_dtype)
                   * tl.load(gain + cols, mask=cols < dim, other=0.0).to(acc_dtype)[None, :])
-    inv_sqrt_dim = 1.0 / tl.sqrt(dim.to(acc_dtype))
+    inv_sqrt_dim = 1.0 / tl.sqrt(tl.zeros([BLOCK_T], acc_dtype) + dim)  # in acc_dtype, also when dim == 1
 
     running_max = tl.full([BLOCK_T], float("-inf"), acc_dtype)
     running_sum = tl.zeros([BLOCK_T], acc_dtype)
@@ -108,7 +108,7 @@ def _mix_backward_kernel(
     q = tl.load(query + query_offsets, mask=mask, other=0.0).to(acc_dtype)
     g = tl.load(gain + cols, mask=col_ok, other=0.0).to(acc_dtype)
     query_gain = q * g[None, :]
-    inv_sqrt_dim = 1.0 / tl.sqrt(dim.to(acc_dtype))
+    inv_sqrt_dim = 1.0 / tl.sqrt(tl.zeros([BLOCK_T], acc_dtype) + dim)  # in acc_dtype, also when dim == 1
     dh = tl.load(grad_out + offsets, mask=mask, other=0.0).to(acc_dtype)
     delta = tl.sum(dh * tl.load(out + offsets, mask=mask, other=0.0).to(acc_dtype), axis=1)
     lse_row = tl.load(lse + token, mask=row_ok, other=0.0)
@@ -266,7 +266,7 @@ def _offset_table(tensors):
         raise ValueError("fused_dar_mix: source addresses are not aligned to their element size")
     offsets = [distance // item for distance in distances]
     aligned = all(offset % 16 == 0 for offset in offsets) and base.shape[-1] % 16 == 0
-    return base, torch.tensor(offsets, dtype=torch.int64).to(base.device, non_blocking=True), aligned
+    return base, torch.tensor(offsets, dtype=torch.int64, device=base.device), aligned
 
 
 def _query_strides(query, batch, tokens):
