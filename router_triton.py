@@ -10,10 +10,11 @@ triton selects when a kernel is defined: set TRITON_INTERPRET=1 before this file
 What one consumer computes, per token, over its N sources s_i (SPEC section 3; eps = router.RMS_EPS):
     k_i = g * s_i / rms(s_i),  z_i = q . k_i / sqrt(d),  alpha = softmax_i(z),  h = sum_i alpha_i s_i
 The forward kernel streams the sources once with an online softmax (running max m, running sum l, running
-weighted sum of the raw sources), so the normalized keys, the logits and the weights never leave registers;
-it writes h and the per-token log-sum-exp lse = m + log l. The backward kernel reads every source once more,
-recomputes z_i and alpha_i = exp(z_i - lse), and with delta = dh . h (because dz_i = alpha_i (dh . s_i - delta))
-writes the gradient of every source and accumulates those of the query and of the gain in registers.
+weighted sum of the raw sources), so the normalized keys, logits and weights stay in registers (the logits
+are stored only when a Trace asks for alpha); it writes h and the per-token log-sum-exp lse = m + log l.
+The backward kernel reads every source once more, recomputes z_i and alpha_i = exp(z_i - lse), and with
+delta = dh . h (because dz_i = alpha_i (dh . s_i - delta)) writes the gradient of every source and
+accumulates those of the query and of the gain in registers.
 
 Memory, per consumer (B samples, T tokens, width d, N sources):
   * No copy of the history. The router keeps its sources as separate tensors (v_0, the chunk summaries, the
@@ -22,8 +23,9 @@ Memory, per consumer (B samples, T tokens, width d, N sources):
     of the others from it (8N bytes), so the sources are read where they already are.
   * Saved for backward: the sources and h (referenced, not copied: they are alive anyway, as the router's
     history and as the input the next sublayer's LayerNorm keeps), the query, the gain and lse [B, T].
-    dar_mix instead keeps autograd intermediates per source (the squared source, per-token norms, the
-    [B, T, N] weights, and for bf16/fp16 sources a float32 copy of every source); bench.py --op router measures both.
+    dar_mix keeps per-token norms and weights too, and for bf16/fp16 sources a float32 copy of every source
+    (N x [B, T, d] x 4 bytes: 128 MiB for N = 57, 512 tokens, d = 1152); its forward also allocates several
+    [B, T, d] temporaries per source, which the kernel keeps in registers. bench.py --op router measures both.
   * The backward allocates only the N source gradients it returns (one tensor each, so that each is freed
     as soon as autograd has used it) plus per-block partial sums [B, blocks, d] for the query and the gain;
     no [N, tokens, d] intermediate.
