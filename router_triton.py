@@ -141,11 +141,13 @@ def _mix_backward_kernel(
         tl.store(grad_query + partial, tl.sum(grad_query_gain, axis=0), mask=col_ok)
 
 
+@torch.compiler.disable
 def fused_dar_mix(sources, query, gain, eps=RMS_EPS, return_alpha=True, block_tokens=None):
     """Eq. 5 for one consumer, as router.dar_mix: returns h [B, T, d] and alpha [B, T, N] (None unless
     return_alpha). sources: list of N tensors [B, T, d]; query: [d] (static), [B, 1, d] (one per sample,
     the timestep query) or [B, T, d] (dynamic); gain: [d]. alpha is not differentiable (it is for traces).
-    block_tokens: tokens per program (a power of two), chosen from the tile size when None."""
+    block_tokens: tokens per program (a power of two), chosen from the tile size when None.
+    Under torch.compile this call is a graph break: the offset table needs the sources' real addresses."""
     _check_inputs(sources, query, gain)
     dtype = sources[0].dtype
     for s in sources[1:]:

@@ -179,6 +179,21 @@ def test_training_step_matches_torch_kernel(chunk, query, monkeypatch):
             assert_close(parameter.grad, reference_grads[name].grad, 1e-9)
 
 
+def test_torch_compile_runs_the_kernel_eagerly_inside_a_compiled_model():
+    """train.py --compile --kernel triton: the fused call is a graph break, forward and backward still match."""
+    reference = tiny_dar_model("dynamic", 2, "torch").float().eval()  # eval: no label dropout to reproduce
+    fused = tiny_dar_model("dynamic", 2, "triton").float().eval()
+    x, t, y = torch.randn(2, 1, 8, 8, device=DEVICE), torch.rand(2, device=DEVICE), torch.tensor([0, 3], device=DEVICE)
+    loss_ref = reference(x, t, y).pow(2).mean()
+    loss = torch.compile(lambda: fused(x, t, y).pow(2).mean())()
+    loss_ref.backward()
+    loss.backward()
+    assert_close(loss, loss_ref, 1e-5)
+    for parameter, parameter_ref in zip(fused.parameters(), reference.parameters()):
+        if parameter_ref.grad is not None:
+            assert_close(parameter.grad, parameter_ref.grad, 1e-5)
+
+
 def test_trace_alpha_matches_torch_kernel():
     trace_ref, trace = Trace(per_token=True), Trace(per_token=True)
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64, device=DEVICE)
