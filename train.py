@@ -1,0 +1,752 @@
+"""Train a SiT whose cross-layer routing is residual, U-Net or DAR, on Fashion-MNIST or an image folder.
+
+    python train.py --router dar --chunk 4                      # tiny SiT-T/4 on Fashion-MNIST, 2 CPU cores
+    python train.py --router residual                           # the SiT baseline, same budget
+    python train.py --router dar --chunk 4 --resume auto        # continue from the newest checkpoint of the run
+    torchrun --nproc_per_node 8 train.py --model SiT-B/2 --data /data/imagenet/train --image-size 64
+        --global-batch-size 256 --max-steps 400000 --router dar --chunk 4 --precision bf16 --compile
+        --repa-encoder dinov2-vitb14 --ckpt-every 20000 --eval-every 5000    # (one command line)
+
+Objective (SPEC.md section 5): the SiT linear interpolant x_t = t x + (1 - t) noise, t ~ U(0, 1) (t = 0 is
+noise, t = 1 is data), and the MSE between the predicted velocity and u = x - noise; AdamW, EMA of the
+weights, label dropout for classifier-free guidance (done by the model's label embedder in train mode),
+optionally plus lambda * REPA loss (SPEC section 4).
+
+Every random draw is derived from (--seed, step): the data order from (seed, epoch) through a
+DistributedSampler, t and noise for the whole global batch from (seed, step), label dropout from
+(seed, step, rank). So a resumed run repeats the uninterrupted one exactly, and N processes under
+torchrun see the same global batches as one process.
+
+Run layout: results/<run-name>/log.jsonl (one JSON record per log or eval line) and
+results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept.
+A checkpoint is a dict: model, ema, opt, step, args, model_config (the create_model kwargs and "name"),
+data (name, path, channels, num_classes, image_size), rng (generator states at save time, for
+inspection: resuming re-derives every draw from the step) and, with REPA, repa_projector.
+
+Importable without side effects: load_model, latest_checkpoint, load_fashion_mnist, load_image_folder.
+"""
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import re
+import resource
+import socket
+import struct
+import sys
+import time
+import urllib.request
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from model import SiT_models, create_model
+from router import KERNELS, QUERIES, ROUTERS, REPAProjector, repa_loss
+
+#################################################################################
+#                                      Data                                      #
+#################################################################################
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+REPO_DIR = Path(__file__).resolve().parent
+# Searched after --data-dir, in this order. The repository ships the test split in data/fashion-mnist.
+FASHION_MNIST_DIRS = [Path("data/fashion-mnist"), REPO_DIR / "data" / "fashion-mnist",
+                      Path("/usr/share/datasets/fashion-mnist")]
+SHIPPED_SPLIT_HOLDOUT = 1000  # the last images of the test split held out when it is all we have
+
+
+def read_idx(path):
+    """An IDX file of unsigned bytes (gzipped if it ends in .gz) as a numpy array of its shape."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read this IDX file ({err})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic number 0x0000 08 nn)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"{path}: shape {shape} needs {math.prod(shape)} bytes of data, the file has "
+                         f"{len(data) - header} (truncated?)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_split(directory, split):
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images, labels = read_idx(directory / image_file), read_idx(directory / label_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{directory}: {image_file} {images.shape} and {label_file} {labels.shape} do not "
+                         f"form a split of [N, H, W] images with N labels")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def fit_to_size(images, image_size):
+    """[N, C, H, W] uint8 -> [N, C, S, S]: zero-pad (Fashion-MNIST's black background) when S >= H, else
+    area-resize."""
+    pad = image_size - images.shape[-1]
+    if pad >= 0:
+        return F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    resized = F.interpolate(images.float(), size=(image_size, image_size), mode="area")
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def _download(url, destination):
+    """Download to destination + '.part', then rename, so an interrupted download is never mistaken for data."""
+    partial = destination.with_name(destination.name + ".part")
+    with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        done = 0
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            print(f"\rdownloading {url}: {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="", flush=True)
+    print()
+    os.replace(partial, destination)
+
+
+def load_fashion_mnist(data_dir=None, image_size=32):
+    """Fashion-MNIST as dict(train=(uint8 [N, 1, S, S], int64 [N]), val=(...), note=str, path=str).
+
+    The full set (train + test files) is looked for in data_dir, ./data/fashion-mnist, the repository's
+    data/fashion-mnist, /usr/share/datasets/fashion-mnist; if absent, downloaded into data_dir (default
+    ./data/fashion-mnist). val is the official test split. Offline without the training split, it trains
+    on the test split shipped with the repository, holding out its last 1,000 images, and says so in note.
+    """
+    search = ([Path(data_dir)] if data_dir else []) + FASHION_MNIST_DIRS
+    has = lambda d, split: all((d / f).is_file() for f in FASHION_MNIST_FILES[split])  # noqa: E731
+    full = next((d for d in search if has(d, "train") and has(d, "test")), None)
+    download_error = None
+    if full is None:
+        target = search[0]
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in FASHION_MNIST_FILES["train"] + FASHION_MNIST_FILES["test"]:
+                if not (target / name).is_file():
+                    _download(FASHION_MNIST_URL + name, target / name)
+            full = target
+        except OSError as err:
+            download_error = err
+    if full is not None:
+        train, val = _read_split(full, "train"), _read_split(full, "test")
+        note = f"Fashion-MNIST from {full}: {len(train[1])} training images, {len(val[1])} validation (test split)"
+        path = full
+    else:
+        path = next((d for d in search if has(d, "test")), None)
+        if path is None:
+            raise ValueError(f"Fashion-MNIST not found in {', '.join(map(str, search))} and the download failed "
+                             f"({download_error}); put the four .gz files from "
+                             f"https://github.com/zalandoresearch/fashion-mnist in --data-dir")
+        images, labels = _read_split(path, "test")
+        keep = len(labels) - SHIPPED_SPLIT_HOLDOUT
+        train, val = (images[:keep], labels[:keep]), (images[keep:], labels[keep:])
+        note = (f"Fashion-MNIST training split not found and not downloadable ({download_error}): training on "
+                f"the {keep} first images of the test split in {path}, validating on its last "
+                f"{SHIPPED_SPLIT_HOLDOUT}; for the full 60k set install the dataset-fashion-mnist package or "
+                f"put train-*-ubyte.gz from https://github.com/zalandoresearch/fashion-mnist in --data-dir")
+    fit = lambda split: (fit_to_size(split[0], image_size), split[1])  # noqa: E731
+    return dict(train=fit(train), val=fit(val), note=note, path=str(path))
+
+
+def load_image_folder(path, image_size):
+    """An image folder in ImageNet layout (root/<class>/<image>) as (uint8 [N, 3, S, S], int64 [N], class names).
+
+    Class indices follow the sorted folder names; every image is center-cropped to a square and resized
+    to S x S in RGB. Unreadable files are skipped and counted; hidden files are ignored.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"--data {path}: not a directory; expected an image folder with one subfolder per class")
+    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_names:
+        raise ValueError(f"--data {path}: no class subfolders; expected ImageNet layout {path}/<class>/<image>")
+    images, labels, skipped = [], [], []
+    for label, name in enumerate(class_names):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    image = ImageOps.fit(image.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                skipped.append(file)
+                continue
+            images.append(np.asarray(image))
+            labels.append(label)
+    if skipped:
+        print(f"--data {path}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
+    if not images:
+        raise ValueError(f"--data {path}: no readable image in its {len(class_names)} class folder(s)")
+    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(labels, dtype=torch.int64), class_names)
+
+
+def load_data(args):
+    """(train images, train labels, val images, val labels, the checkpoint's "data" dict, a note line)."""
+    if args.data:
+        images, labels, class_names = load_image_folder(args.data, args.image_size)
+        if len(labels) < 2:
+            raise ValueError(f"--data {args.data}: needs at least 2 readable images (train and validation)")
+        # A fixed validation split: 1,000 images (at most a tenth) picked by a seed independent of --seed.
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+        num_val = max(1, min(1000, len(labels) // 10))
+        val, train = order[:num_val], order[num_val:]
+        info = dict(name="folder", path=str(args.data), channels=3, num_classes=len(class_names),
+                    image_size=args.image_size, class_names=class_names)
+        note = (f"image folder {args.data}: {len(train)} training images, {len(val)} validation, "
+                f"{len(class_names)} classes")
+        return images[train], labels[train], images[val], labels[val], info, note
+    fashion = load_fashion_mnist(args.data_dir, args.image_size)
+    info = dict(name="fashion-mnist", path=fashion["path"], channels=1, num_classes=10, image_size=args.image_size)
+    return (*fashion["train"], *fashion["val"], info, fashion["note"])
+
+
+def to_model_space(images):
+    """uint8 -> float in [-1, 1] (the project's convention)."""
+    return images.float() / 127.5 - 1
+
+
+def step_seed(seed, step, stream):
+    """A well-mixed 64-bit seed for one step's draws; stream separates the noise (0) from per-rank draws."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class ShardedBatches:
+    """This process's share of the global batch of a given step.
+
+    The order of the training images depends only on (seed, epoch) (DistributedSampler, drop_last), so
+    batch `step` is the same whether the run was resumed or not. Rank r of W takes global positions
+    r, r + W, r + 2W, ... of each global batch, and the same positions of the step's t and noise, drawn
+    for the whole global batch from (seed, step): W processes together see exactly what one process sees.
+    """
+
+    def __init__(self, images, labels, global_batch, seed, rank=0, world_size=1):
+        self.images, self.labels, self.seed = images, labels, seed
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.local_batch = global_batch // world_size
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--global-batch-size {global_batch} is larger than the {len(labels)} training images")
+        self.epoch, self.order = None, None
+
+    def get(self, step, device):
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.order, self.epoch = torch.tensor(list(self.sampler)), epoch
+        index = self.order[position * self.local_batch:(position + 1) * self.local_batch]
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, 0))
+        t = torch.rand(self.global_batch, generator=generator)
+        noise = torch.randn(self.global_batch, *self.images.shape[1:], generator=generator)
+        mine = slice(self.rank, None, self.world_size)
+        return (to_model_space(self.images[index]).to(device), self.labels[index].to(device),
+                t[mine].to(device), noise[mine].to(device))
+
+
+#################################################################################
+#                            Objective, EMA, validation                          #
+#################################################################################
+
+T_BINS = 4  # losses are also reported per t-bin [0, 1/4), ..., [3/4, 1]
+
+
+def flow_matching_loss(model, x, y, t, noise, return_hidden=None):
+    """Per-sample velocity MSE of the SiT linear interpolant (SPEC section 5) and, if asked, the hidden
+    state block `return_hidden` hands on (for REPA)."""
+    t_ = t.view(-1, *([1] * (x.dim() - 1)))
+    x_t = t_ * x + (1 - t_) * noise  # x_t = t x + (1 - t) noise
+    u = x - noise  # the target velocity dx_t/dt
+    out = model(x_t, t, y, return_hidden=return_hidden)
+    velocity, hidden = out if return_hidden is not None else (out, None)
+    return (velocity.float() - u.float()).pow(2).mean(dim=tuple(range(1, x.dim()))), hidden
+
+
+def t_bin_sums(per_sample, t):
+    """(sum of the per-sample losses, number of samples) in each of the T_BINS bins of t."""
+    bins = (t * T_BINS).long().clamp(0, T_BINS - 1)
+    sums = torch.zeros(T_BINS, device=t.device, dtype=torch.float64).index_add_(0, bins, per_sample.detach().double())
+    return sums, torch.bincount(bins, minlength=T_BINS).double()
+
+
+class Objective(nn.Module):
+    """What DDP wraps: the SiT and, with REPA, its projector, so that both have their gradients averaged."""
+
+    def __init__(self, model, projector=None, repa_depth=None):
+        super().__init__()
+        self.model, self.projector, self.repa_depth = model, projector, repa_depth
+
+    def forward(self, x, y, t, noise, target_features=None):
+        """(per-sample flow loss [B], REPA loss or None)."""
+        if self.projector is None:
+            return flow_matching_loss(self.model, x, y, t, noise)[0], None
+        per_sample, hidden = flow_matching_loss(self.model, x, y, t, noise, return_hidden=self.repa_depth)
+        return per_sample, repa_loss(self.projector(hidden), target_features)
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter."""
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1 - decay)
+
+
+def validation_batch(images, labels, size):
+    """The fixed held-out batch: the first `size` validation images with evenly spaced t = (i + 1/2) / n and
+    noise from seed 0, independent of --seed, so the number is comparable across runs and routers."""
+    x = to_model_space(images[:size])
+    t = (torch.arange(len(x), dtype=torch.float32) + 0.5) / len(x)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    return x, labels[:size], t, noise
+
+
+@torch.no_grad()
+def validation_loss(model, batch, micro_batch, device, autocast):
+    """(mean loss, mean loss per t-bin) of `model` in eval mode (no label dropout) on the fixed batch."""
+    was_training = model.training
+    model.eval()
+    sums = counts = 0
+    for start in range(0, len(batch[0]), micro_batch):
+        x, y, t, noise = (part[start:start + micro_batch].to(device) for part in batch)
+        with autocast:
+            per_sample = flow_matching_loss(model, x, y, t, noise)[0]
+        bin_sums, bin_counts = t_bin_sums(per_sample, t)
+        sums, counts = sums + bin_sums, counts + bin_counts
+    model.train(was_training)
+    return (sums.sum() / counts.sum()).item(), (sums / counts.clamp(min=1)).tolist()
+
+
+#################################################################################
+#                               REPA target encoders                             #
+#################################################################################
+
+class DINOv2Encoder(nn.Module):
+    """Frozen DINOv2 ViT-B/14 patch tokens on the SiT's token grid (SPEC section 4).
+
+    Images in [-1, 1] are mapped to [0, 1], repeated to RGB, resized to 224 and ImageNet-normalized; the
+    16 x 16 patch tokens are resampled (bilinear, antialiased) to the model's grid if it differs.
+    """
+    z_dim = 768
+    hub_repo, hub_model = "facebookresearch/dinov2:main", "dinov2_vitb14"
+
+    def __init__(self, grid_size):
+        super().__init__()
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # an unreachable network is an error, not a hang
+        try:
+            self.net = torch.hub.load(self.hub_repo, self.hub_model, trust_repo=True, skip_validation=True)
+        except Exception as err:  # torch.hub raises many kinds (URLError, HTTPError, RuntimeError, zip errors)
+            raise OSError(
+                f"--repa-encoder dinov2-vitb14: could not load {self.hub_model} through torch.hub "
+                f"({type(err).__name__}: {err}). The first use needs network access (github.com, "
+                f"dl.fbaipublicfiles.com); later runs load it from {torch.hub.get_dir()}") from None
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
+        self.net.requires_grad_(False).eval()
+        self.grid_size = grid_size
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = ((x.float() + 1) / 2).expand(-1, 3, -1, -1) if x.shape[1] == 1 else (x.float() + 1) / 2
+        x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+        tokens = self.net.forward_features((x - self.mean) / self.std)["x_norm_patchtokens"]
+        side = math.isqrt(tokens.shape[1])
+        if side != self.grid_size:
+            grid = tokens.transpose(1, 2).reshape(len(x), -1, side, side)
+            grid = F.interpolate(grid, size=(self.grid_size, self.grid_size), mode="bilinear", antialias=True)
+            tokens = grid.flatten(2).transpose(1, 2)
+        return tokens
+
+
+# --repa-encoder name -> factory(grid_size) returning a frozen module with .z_dim that maps images in
+# [-1, 1] to [B, grid_size**2, z_dim] patch features. Tests register small ones here.
+REPA_ENCODERS = {"dinov2-vitb14": DINOv2Encoder}
+
+
+def default_repa_depth(depth):
+    """REPA's choices: block 4 of 12, block 8 of 24 or 28."""
+    return 8 if depth >= 24 else max(1, depth // 3)
+
+
+#################################################################################
+#                                   Checkpoints                                  #
+#################################################################################
+
+CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "args", "model_config", "data", "rng")
+CHECKPOINT_NAME = re.compile(r"^(\d{7})\.pt$")
+
+
+def save_checkpoint(checkpoint, checkpoint_dir, keep):
+    """Write checkpoint_dir/<step:07d>.pt atomically (temp file, fsync, rename); keep the newest `keep`
+    (0 keeps all). A kill at any moment leaves every earlier checkpoint intact."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / f"{checkpoint['step']:07d}.pt"
+    temporary = checkpoint_dir / f".{path.name}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    for stale in checkpoint_dir.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink()
+    if keep:
+        for old in sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
+            old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir):
+    """The path of the highest-step checkpoint in run_dir/checkpoints, or None."""
+    checkpoint_dir = Path(run_dir) / "checkpoints"
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_NAME.match(p.name))
+    return str(found[-1]) if found else None
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load a train.py checkpoint; a missing, truncated or corrupt file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch.load fails with RuntimeError, EOFError, UnpicklingError, zip errors...
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {first_line}); "
+                         f"use an earlier checkpoint from its folder") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def load_model(path, ema=True, device="cpu"):
+    """(the SiT of a checkpoint with its EMA (or raw) weights, in eval mode, the checkpoint dict)."""
+    checkpoint = load_checkpoint(path, device)
+    config = dict(checkpoint["model_config"])
+    model = create_model(config.pop("name"), **config)
+    model.load_state_dict(checkpoint["ema" if ema else "model"])
+    return model.to(device).eval(), checkpoint
+
+
+def check_resume_compatible(checkpoint, path, model_config, data_info, repa_on):
+    """A checkpoint must come from the same model, router and data; say exactly what differs."""
+    ignored = {"kernel"}  # how DAR is computed, not what it computes
+    differences = [f"{key}: checkpoint {checkpoint['model_config'].get(key)!r}, this run {value!r}"
+                   for key, value in model_config.items()
+                   if key not in ignored and checkpoint["model_config"].get(key) != value]
+    differences += [f"data {key}: checkpoint {checkpoint['data'].get(key)!r}, this run {data_info[key]!r}"
+                    for key in ("name", "channels", "num_classes", "image_size")
+                    if checkpoint["data"].get(key) != data_info[key]]
+    if ("repa_projector" in checkpoint) != repa_on:
+        differences.append(f"REPA: checkpoint {'with' if 'repa_projector' in checkpoint else 'without'}, "
+                           f"this run {'with' if repa_on else 'without'}")
+    if differences:
+        raise ValueError(f"--resume {path}: the checkpoint does not match this run's configuration: "
+                         + "; ".join(differences) + ". Pass the flags it was trained with, or start a new run.")
+
+
+#################################################################################
+#                                    Training                                    #
+#################################################################################
+
+TINY_SIZES = ("T", "D")  # the CPU configs of model.py
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--model", default="SiT-T/4", choices=list(SiT_models), metavar="NAME",
+        help="SiT config: SiT-{XL,L,B,S,T,D}/{2,4,8} (default %(default)s)")
+    add("--router", default="residual", choices=ROUTERS, help="cross-layer routing (default %(default)s)")
+    add("--query", default="static", choices=QUERIES, help="DAR query, Eq. 6 (default %(default)s)")
+    add("--chunk", type=int, default=1, help="DAR chunk size S, 1 is dense (default %(default)s)")
+    add("--kernel", default="auto", choices=KERNELS, help="DAR implementation; auto: fused Triton on CUDA")
+    add("--data", default=None, help="an image folder in ImageNet layout (default: Fashion-MNIST)")
+    add("--data-dir", default=None, help="where to look for, or download, the Fashion-MNIST .gz files first")
+    add("--image-size", type=int, default=32, help="Fashion-MNIST's 28 x 28 is padded (default %(default)s)")
+    add("--max-steps", type=int, default=1500, help="(default %(default)s)")
+    add("--global-batch-size", type=int, default=64, help="summed over all processes (default %(default)s)")
+    add("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4; 5e-4 for the tiny T/D configs)")
+    add("--ema-decay", type=float, default=None, help="default 0.9999; 0.995 for the tiny T/D configs")
+    add("--label-dropout", type=float, default=0.1, help="class label dropout for CFG (default %(default)s)")
+    add("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping (default)")
+    add("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (default %(default)s)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--seed", type=int, default=0, help="every random draw derives from it and the step (default %(default)s)")
+    add("--repa-encoder", default="none", choices=["none", *REPA_ENCODERS],
+        help="REPA target encoder (default: none, REPA off)")
+    add("--repa-coeff", type=float, default=0.5, help="REPA loss weight lambda (default %(default)s)")
+    add("--repa-depth", type=int, default=None, help="the block aligned by REPA (default: 4 of 12 blocks, 8 of 24+)")
+    add("--results-dir", default="results", help="(default %(default)s)")
+    add("--run-name", default=None, help="default: <model>-<router>[-<query>-c<chunk>], '/' -> '-'")
+    add("--resume", default=None, help="a checkpoint path, or 'auto' for the newest in the run directory")
+    add("--log-every", type=int, default=20, help="(default %(default)s)")
+    add("--eval-every", type=int, default=250, help="validation loss every N steps (default %(default)s)")
+    add("--eval-batch-size", type=int, default=512, help="size of the fixed validation batch (default %(default)s)")
+    add("--ckpt-every", type=int, default=500, help="(default %(default)s)")
+    add("--keep-ckpts", type=int, default=3, help="keep the newest k checkpoints; 0: all (default %(default)s)")
+    add("--sample-grid", type=int, default=10, help="samples per class (at most 16) in the grid written at the "
+        "end; 0: none (default %(default)s)")
+    args = parser.parse_args(argv)
+    tiny = args.model.split("-")[1].split("/")[0] in TINY_SIZES
+    if args.lr is None:
+        args.lr = 5e-4 if tiny else 1e-4
+    if args.ema_decay is None:
+        args.ema_decay = 0.995 if tiny else 0.9999
+    if args.run_name is None:
+        args.run_name = f"{args.model.replace('/', '-')}-{args.router}"
+        if args.router == "dar":
+            args.run_name += f"-{args.query}-c{args.chunk}"
+    for flag in ("max_steps", "global_batch_size", "log_every", "eval_every", "ckpt_every", "eval_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.data and args.data_dir:
+        parser.error("--data (an image folder) and --data-dir (Fashion-MNIST files) exclude each other")
+    if not 0 <= args.ema_decay < 1:
+        parser.error("--ema-decay must be in [0, 1)")
+    return args
+
+
+def setup_distributed(global_batch):
+    """(rank, world size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if global_batch % world_size:
+        raise ValueError(f"--global-batch-size {global_batch} is not divisible by the {world_size} processes")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return rank, world_size, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return rank, world_size, torch.device("cpu")
+
+
+def peak_memory_mb(device):
+    """Peak allocated GPU memory, or peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed(args.global_batch_size)
+    try:
+        train(args, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world_size, device):
+    is_main = rank == 0
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = Path(args.results_dir) / args.run_name
+    checkpoint_dir = run_dir / "checkpoints"
+    log_path = run_dir / "log.jsonl"
+
+    if world_size > 1 and not is_main:
+        dist.barrier()  # rank 0 loads (and possibly downloads) the data first
+    train_images, train_labels, val_images, val_labels, data_info, note = load_data(args)
+    if world_size > 1 and is_main:
+        dist.barrier()
+
+    model_config = dict(name=args.model, input_size=args.image_size, in_channels=data_info["channels"],
+                        num_classes=data_info["num_classes"], router=args.router, query=args.query,
+                        chunk=args.chunk, kernel=args.kernel, learn_sigma=False,
+                        class_dropout_prob=args.label_dropout)
+    torch.manual_seed(args.seed)
+    model = create_model(**model_config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA starts as a copy of the initial weights
+    repa_encoder = projector = None
+    if args.repa_encoder != "none":
+        args.repa_depth = args.repa_depth or default_repa_depth(model.depth)
+        repa_encoder = REPA_ENCODERS[args.repa_encoder](model.grid_size).to(device).eval()
+        projector = REPAProjector(model.pos_embed.shape[-1], repa_encoder.z_dim).to(device)
+    objective = Objective(model, projector, args.repa_depth)
+    parameters = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.999), weight_decay=0)
+
+    start_step = 0
+    resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
+    if resume_path:
+        checkpoint = load_checkpoint(resume_path, device)
+        check_resume_compatible(checkpoint, resume_path, model_config, data_info, projector is not None)
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["opt"])
+        if projector is not None:
+            projector.load_state_dict(checkpoint["repa_projector"])
+        start_step = checkpoint["step"]
+        changed = {k: (v, vars(args)[k]) for k, v in checkpoint["args"].items()
+                   if k != "resume" and k in vars(args) and vars(args)[k] != v}
+    elif latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                         f"or choose another --run-name / --results-dir")
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(note)
+        print(f"{args.model} router={args.router} query={args.query} chunk={args.chunk}: "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es) "
+              f"on {device.type}, global batch {args.global_batch_size}, lr {args.lr:g}, EMA {args.ema_decay:g}, "
+              f"run directory {run_dir}")
+        if resume_path:
+            print(f"resuming from {resume_path} at step {start_step}"
+                  + (f"; flags changed since: {changed}" if changed else ""))
+            keep_log_until(log_path, start_step)
+        elif args.resume == "auto":
+            print(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from scratch")
+        elif log_path.exists():
+            log_path.unlink()
+
+    trained = torch.compile(objective) if args.compile else objective
+    if world_size > 1:
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = ShardedBatches(train_images, train_labels, args.global_batch_size, args.seed, rank, world_size)
+    val_batch = validation_batch(val_images, val_labels, args.eval_batch_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+
+    def make_checkpoint(step):
+        checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=step,
+                          args=vars(args), model_config=model_config, data=data_info,
+                          rng=dict(seed=args.seed, torch=torch.get_rng_state(),
+                                   cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
+        if projector is not None:
+            checkpoint["repa_projector"] = projector.state_dict()
+        return checkpoint
+
+    def log(record, line):
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if start_step >= args.max_steps:
+        if is_main:
+            print(f"the run is already at step {start_step} (--max-steps {args.max_steps}): nothing to do")
+        return
+    model.train()
+    interval = dict(stats=torch.zeros(3 + 2 * T_BINS, dtype=torch.float64, device=device), steps=0,
+                    start=time.time())
+    run_start, last_saved = time.time(), None
+    for step in range(start_step, args.max_steps):
+        x, y, t, noise = batches.get(step, device)
+        torch.manual_seed(step_seed(args.seed, step, 1 + rank))  # the model's label dropout draws from it
+        with autocast:
+            target_features = repa_encoder(x) if repa_encoder is not None else None
+            per_sample, repa = trained(x, y, t, noise, target_features)
+        loss = per_sample.mean() + (args.repa_coeff * repa if repa is not None else 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.grad_clip or math.inf)
+
+        # [flow loss sum, REPA loss / W, grad norm / W, loss sum per t-bin, count per t-bin], summed over ranks
+        bin_sums, bin_counts = t_bin_sums(per_sample, t)
+        repa_share = repa.detach().double() / world_size if repa is not None else torch.zeros((), device=device)
+        step_stats = torch.cat([torch.stack([per_sample.detach().double().sum(), repa_share.double(),
+                                             grad_norm.double() / world_size]), bin_sums, bin_counts])
+        if world_size > 1:
+            dist.all_reduce(step_stats)
+        step_loss = step_stats[0] / args.global_batch_size + args.repa_coeff * step_stats[1]
+        if not (torch.isfinite(step_loss) and torch.isfinite(step_stats[2])):
+            saved = latest_checkpoint(run_dir)
+            raise SystemExit(f"step {step + 1}: the loss is {step_loss.item()} (gradient norm "
+                             f"{step_stats[2].item()}); stopped before updating the weights. The last good "
+                             f"checkpoint, {saved or 'none yet'}, is untouched: resume from it with a lower --lr, "
+                             f"--grad-clip 1.0 or --precision fp32")
+        optimizer.step()
+        update_ema(ema, model, args.ema_decay)
+        interval["stats"] += step_stats
+        interval["steps"] += 1
+        done = step + 1
+
+        if is_main and (done % args.log_every == 0 or done == args.max_steps):
+            stats, steps = interval["stats"], interval["steps"]
+            elapsed = time.time() - interval["start"]
+            bins = (stats[3:3 + T_BINS] / stats[3 + T_BINS:].clamp(min=1)).tolist()
+            record = dict(step=done, loss=stats[0].item() / (steps * args.global_batch_size), loss_t_bins=bins,
+                          grad_norm=stats[2].item() / steps, images_per_s=steps * args.global_batch_size / elapsed,
+                          peak_mem_mb=peak_memory_mb(device), lr=args.lr, time_s=time.time() - run_start)
+            if repa is not None:
+                record["repa_loss"] = stats[1].item() / steps
+            eta = (args.max_steps - done) * elapsed / steps
+            log(record, f"step {done}/{args.max_steps} | loss {record['loss']:.4f} | t-bins "
+                        + " ".join(f"{b:.3f}" for b in bins)
+                        + (f" | repa {record['repa_loss']:.4f}" if repa is not None else "")
+                        + f" | grad {record['grad_norm']:.3f} | {record['images_per_s']:.0f} img/s"
+                        f" | peak {record['peak_mem_mb']:.0f} MB | ETA {format_duration(eta)}")
+            interval.update(stats=torch.zeros_like(stats), steps=0, start=time.time())
+        if is_main and (done % args.eval_every == 0 or done == args.max_steps):
+            val, val_bins = validation_loss(model, val_batch, args.global_batch_size, device, autocast)
+            val_ema, val_ema_bins = validation_loss(ema, val_batch, args.global_batch_size, device, autocast)
+            log(dict(step=done, val_loss=val, val_loss_t_bins=val_bins, val_loss_ema=val_ema,
+                     val_loss_ema_t_bins=val_ema_bins),
+                f"step {done}: validation loss {val:.4f} (EMA {val_ema:.4f}) | t-bins "
+                + " ".join(f"{b:.3f}" for b in val_ema_bins) + " (EMA)")
+        if is_main and (done % args.ckpt_every == 0 or done == args.max_steps):
+            last_saved = save_checkpoint(make_checkpoint(done), checkpoint_dir, args.keep_ckpts)
+
+    if is_main and last_saved is not None:
+        print(f"done: {args.max_steps} steps in {format_duration(time.time() - run_start)}; checkpoint {last_saved}")
+        if args.sample_grid:
+            grid_path = run_dir / "samples.png"
+            how = write_sample_grid(ema, data_info["num_classes"], args.sample_grid, grid_path, device, args.seed)
+            print(f"sample grid (EMA weights, one row per class, {how}): {grid_path}")
+
+
+def keep_log_until(log_path, step):
+    """Drop log records after `step` (written by a run that went on past its last checkpoint)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    temporary = log_path.with_name(log_path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, log_path)
+
+
+def write_sample_grid(model, num_classes, per_class, path, device, seed):
+    """A PNG with one row per class (the first 10) of `per_class` samples, made with sample.py's default
+    sampler and guidance."""
+    import sample  # sample.py imports this file: import it only when it is needed
+    defaults = sample.parse_args([])
+    classes = list(range(min(num_classes, 10)))
+    images, labels = sample.sample_batch(model.eval(), range(per_class * len(classes)), seed, defaults.sampler,
+                                         defaults.steps, defaults.cfg_scale, class_labels=classes, device=device)
+    sample.save_grid(images, labels, path, by_class=True)
+    return f"{defaults.sampler}, {defaults.steps} steps, cfg {defaults.cfg_scale:g}"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as err:
+        sys.exit(f"error: {err}")
