@@ -270,7 +270,10 @@ def _offset_table(tensors):
         raise ValueError("fused_dar_mix: source addresses are not aligned to their element size")
     offsets = [distance // item for distance in distances]
     aligned = all(offset % 16 == 0 for offset in offsets) and base.shape[-1] % 16 == 0
-    return base, torch.tensor(offsets, dtype=torch.int64, device=base.device), aligned
+    table = torch.tensor(offsets, dtype=torch.int64)
+    if base.is_cuda:  # from pinned memory the copy is asynchronous: no wait for the GPU at every consumer
+        table = table.pin_memory().to(base.device, non_blocking=True)
+    return base, table, aligned
 
 
 def _query_strides(query, batch, tokens):
