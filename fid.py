@@ -241,7 +241,7 @@ def stats_of_images(images, what, context):
     if len(images) < 2:
         raise ValueError(f"{what}: {len(images)} image(s); FID needs at least 2 (and 2048 for a full-rank covariance)")
     if len(images) < FULL_RANK_SAMPLES:
-        print(f"warning: {what} has {len(images)} images, fewer than {FULL_RANK_SAMPLES}: the covariance is "
+        print(f"warning: {what}: {len(images)} images, fewer than {FULL_RANK_SAMPLES}: the covariance is "
               f"singular and FID is biased upward (compare only at equal sample counts)", file=sys.stderr)
     features = inception_features(context["net"], images, context["batch_size"], context["device"])
     mu, sigma = statistics(features)
@@ -267,14 +267,13 @@ def dataset_stats(data, image_size, context):
     images, label = dataset_images(data, image_size, context["ref_samples"])
     key = hashlib.sha1(images.tobytes()).hexdigest()[:10]
     cache = context["cache_dir"] / "fid-stats" / f"{label}-{image_size}px-n{len(images)}-{key}-{context['net_id']}.npz"
-    what = f"{label} training set ({len(images)} images, {image_size}x{image_size})"
+    what = f"{label} training set at {image_size}x{image_size}"
     if cache.is_file():
-        stats = read_stats_file(cache, what)
-    else:
-        stats = stats_of_images(images, what, context)
-        save_stats(cache, stats, context["pr_samples"])
-        print(f"cached the reference statistics in {cache}", file=sys.stderr)
-    stats["what"] = f"{what}, cached in {cache}"
+        print(f"reference statistics from the cache: {cache}", file=sys.stderr)
+        return read_stats_file(cache, what)
+    stats = stats_of_images(images, what, context)
+    save_stats(cache, stats, context["pr_samples"])
+    print(f"cached the reference statistics in {cache}", file=sys.stderr)
     return stats
 
 
@@ -299,7 +298,7 @@ def load_set(spec, context, image_size=None):
         raise ValueError(f"{path}: not a readable npz ({err})") from None
     if images.ndim == 3:
         images = images[..., None]
-    return stats_of_images(images, f"{path} ({len(images)} images)", context)
+    return stats_of_images(images, str(path), context)
 
 
 def training_data_of(samples_path):
@@ -358,6 +357,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # features exactly as in float32 everywhere
     torch.backends.cudnn.allow_tf32 = False
     samples = args.samples or newest_samples(args.results_dir)
+    if str(samples) not in DATASETS and not Path(samples).exists():
+        raise ValueError(f"{samples}: no such file or folder")
     ref, ref_size = args.ref, args.image_size
     if ref is None:
         trained_on = training_data_of(samples)
@@ -383,7 +384,8 @@ def main(argv=None):
         real = load_set(ref, context, ref_size or fake.get("image_size"))
     result = dict(samples=str(samples), reference=real["what"], fid=frechet_distance(
         fake["mu"], fake["sigma"], real["mu"], real["sigma"]), num_samples=fake["count"], num_reference=real["count"])
-    print(f"samples:   {fake['what']}\nreference: {real['what']}\nFID {result['fid']:.3f}")
+    count = lambda stats: f" ({stats['count']} images)" if stats["count"] else ""  # noqa: E731
+    print(f"samples:   {fake['what']}{count(fake)}\nreference: {real['what']}{count(real)}\nFID {result['fid']:.3f}")
     if args.pr_samples and fake.get("features") is not None and real.get("features") is not None:
         n_fake, n_real = min(args.pr_samples, len(fake["features"])), min(args.pr_samples, len(real["features"]))
         if min(n_fake, n_real) > 3:

@@ -20,7 +20,7 @@ Sample i draws its noise (and its class when --class-labels is not given) from a
 of processes. Under torchrun each process samples every world-size-th batch and rank 0 merges one npz.
 
 Outputs, next to the checkpoint's run (results/<run>/samples/), unless --out names the npz:
-  <step>-<sampler>-<steps>[-cfg<s>[-<lo>-<hi>]][-raw][-seed<k>]-n<N>[-classes<...>].npz
+  <step>-<sampler>-<steps>[-cfg<s>[-<lo>-<hi>]][-raw][-seed<k>]-n<N>[-classes<a_b_c>].npz
       arr_0: uint8 [N, H, W, 3] (NHWC; a 1-channel model's gray repeated to 3 channels, so the ADM
       evaluator reads it unchanged), arr_1: int64 [N] class labels
   the same name .png: a grid, one row per class when --class-labels is given (grayscale for 1-channel models)
@@ -193,7 +193,8 @@ def resolve_checkpoint(ckpt, results_dir):
 
 
 def output_path(args, checkpoint_path, step):
-    """results/<run>/samples/<name>.npz for results/<run>/checkpoints/<step>.pt (else beside the checkpoint)."""
+    """results/<run>/samples/<name>.npz for results/<run>/checkpoints/<step>.pt (for a checkpoint elsewhere,
+    samples/ beside it)."""
     if args.out:
         return Path(args.out).with_suffix(".npz")
     ckpt = Path(checkpoint_path).resolve()
@@ -205,7 +206,9 @@ def output_path(args, checkpoint_path, step):
     name += "-raw" if args.no_ema else ""
     name += f"-seed{args.seed}" if args.seed else ""
     name += f"-n{args.num_samples}"
-    name += "-classes" + "_".join(map(str, args.class_labels)) if args.class_labels else ""
+    if args.class_labels:
+        labels = args.class_labels
+        name += "-classes" + ("_".join(map(str, labels)) if len(labels) <= 8 else f"{labels[0]}-etc{len(labels)}")
     return run_dir / "samples" / f"{name}.npz"
 
 

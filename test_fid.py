@@ -152,7 +152,8 @@ def test_bare_fid_uses_the_runs_training_data(stand_in, tmp_path, monkeypatch, c
     flags = ["--inception", str(stand_in), "--cache-dir", str(tmp_path / "cache"), "--ref-samples", "50"]
     first = fid.main(flags)
     cached = list((tmp_path / "cache" / "fid-stats").glob("fashion-mnist-32px-n50-*.npz"))
-    assert len(cached) == 1 and "fashion-mnist training set (50 images, 32x32)" in first["reference"]
+    assert len(cached) == 1 and "fashion-mnist training set at 32x32" in first["reference"]
+    assert first["num_reference"] == 50
     assert first["samples"].endswith("0000020-heun-25-n30.npz") and first["fid"] > 0
     assert fid.main(flags) == first  # second time from the cache
     explicit = fid.main([first["samples"], "--ref", "fashion-mnist"] + flags)
