@@ -374,11 +374,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_fashion, tmp_path, m
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3]
 
 
-def test_bf16_autocast_trains(tiny_fashion, tmp_path):
+def test_bf16_run_and_final_sample_grid(tiny_fashion, tmp_path):
     train.main([*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--router", "dar",
-                "--precision", "bf16", "--max-steps", "2", "--ckpt-every", "2", "--eval-every", "2"])
-    log = read_log(tmp_path / "SiT-T-8-dar-static-c1")
+                "--precision", "bf16", "--max-steps", "2", "--ckpt-every", "2", "--eval-every", "2",
+                "--sample-grid", "3"])
+    run_dir = tmp_path / "SiT-T-8-dar-static-c1"
+    log = read_log(run_dir)
     assert np.isfinite(log[-1]["val_loss"]) and len(log) == 3
+    with Image.open(run_dir / "samples.png") as grid:  # sample.py's grid: 10 rows of 3, 16 x 16 with 2-pixel gaps
+        assert grid.size == (3 * 18 + 2, 10 * 18 + 2) and grid.mode == "L"
 
 
 # ---------------------------------------------------------------------------------------------- DDP
