@@ -1,0 +1,655 @@
+"""Diagnose cross-layer routing in trained SiT checkpoints: the paper's three symptoms and its timestep routing.
+
+The paper's diagnostic study (its Figs. 2 and 3, SPEC.md section 6) for any checkpoints, side by side, measured
+on held-out images (the validation split of each checkpoint's dataset) noised to every t of a grid:
+  1. forward magnitude: RMS of the hidden state each block hands on (for DAR the aggregated state the next
+     block reads; for the last block h_final), per token over channels, averaged over tokens and images;
+  2. backward magnitude: norm of dLoss/dh for the same hidden states, per image;
+  3. redundancy: per-token cosine similarity of consecutive block outputs (block 1 against its input v_0);
+  each overall (mean over the t grid) and per t; and
+  4. routing against t: for DAR the weights alpha per (sublayer, source); for the residual baseline the
+     counterfactual importance of each source, dLoss/dg for a scalar gate g = 1 on every term of the running
+     sum (the forward is numerically unchanged).
+The loss is the velocity MSE of the linear interpolant (SPEC section 5), one per image, so dLoss/dh and dLoss/dg
+do not depend on the batch size.
+
+    python diagnose.py                          # the newest checkpoint of every run under results/
+    python diagnose.py --ckpt results/SiT-T-4-residual/checkpoints/0020000.pt \
+                       --ckpt results/SiT-T-4-dar-static-c4/checkpoints/0020000.pt
+    python diagnose.py --num-images 256 --t-grid 0.1,0.5,0.9 --layers 3,23,final
+
+Prints a table (one row per block, one column group per checkpoint) and writes to --out-dir: diagnose.json
+(every number), symptoms.png (Fig. 2 layout), symptoms_by_t.png, and routing_<run>.png per checkpoint
+(Fig. 3 layout).
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+
+from router import DARRouter, ResidualRouter, Route, Trace
+from train import flow_matching_loss, latest_checkpoint, load_data, load_model, to_model_space
+
+STATISTICS = ("rms", "grad_norm", "cosine")
+
+
+#################################################################################
+#             Counterfactual importance: the residual sum with gates             #
+#################################################################################
+
+class GatedResidualRouter(nn.Module):
+    """The residual baseline written as h_l = sum_i g_{l,i} v_i, with every gate g_{l,i} = 1 (one per image).
+
+    Summed left to right with unit gates, this is bit for bit the running stream of router.ResidualRouter, so
+    the forward is unchanged, while dLoss/dg_{l,i} = <dLoss/dh_l, v_i> says how much consumer l's loss would
+    move if source i were turned up. After a forward, gates[l-1] is consumer l's [N_l, B, 1, 1] gate tensor
+    (l = 2L + 1 is the final layer). Holds no parameters: swap it in for a residual model's router.
+    """
+
+    def __init__(self, depth):
+        super().__init__()
+        self.depth = depth
+        self.gates = []
+
+    def start(self, v0, t_emb, trace=None, keep_hidden=None):
+        self.gates = []
+        return GatedResidualRoute(self.depth, v0, self.gates, trace, keep_hidden)
+
+
+class GatedResidualRoute(Route):
+    def __init__(self, depth, v0, gates, trace, keep_hidden):
+        super().__init__(depth, trace, keep_hidden)
+        self.sources = [v0]
+        self.gates = gates
+
+    def aggregate(self, l, shift, scale, final=False):
+        v0 = self.sources[0]
+        g = torch.ones(len(self.sources), v0.shape[0], 1, 1, dtype=v0.dtype, device=v0.device, requires_grad=True)
+        self.gates.append(g)
+        h = g[0] * v0
+        for i in range(1, len(self.sources)):
+            h = h + g[i] * self.sources[i]  # h_l = sum_i g_{l,i} v_i, in the order the running stream adds them
+        return h
+
+    def add(self, v):
+        self.sources.append(v)
+
+
+class InputRecorder(nn.Module):
+    """Wraps a model's router and keeps v_0 (what block 1 reads), the reference of block 1's cosine."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.inner = router
+        self.v0 = None
+
+    def start(self, v0, t_emb, trace=None, keep_hidden=None):
+        self.v0 = v0
+        return self.inner.start(v0, t_emb, trace=trace, keep_hidden=keep_hidden)
+
+
+@contextmanager
+def swapped_router(model, router):
+    original = model.router
+    model.router = router
+    try:
+        yield router
+    finally:
+        model.router = original
+
+
+#################################################################################
+#                                  Measurements                                  #
+#################################################################################
+
+def token_rms(h):
+    """[B]: RMS over channels of every token, averaged over tokens."""
+    return h.pow(2).mean(dim=-1).sqrt().mean(dim=-1)
+
+
+def token_cosine(a, b):
+    """[B]: cosine similarity of a and b per token, averaged over tokens."""
+    return torch.cosine_similarity(a, b, dim=-1).mean(dim=-1)
+
+
+def block_statistics(model, x, y, t, noise):
+    """One forward/backward on clean images x noised to t: {rms, grad_norm, cosine} as [L, B] tensors, and
+    trace.alpha (DAR: [B, N_l] per consumer). The loss is a sum of per-image losses: dLoss/dh_b is image b's."""
+    trace = Trace()
+    with swapped_router(model, InputRecorder(model.router)) as recorder:
+        loss = flow_matching_loss(functools.partial(model, trace=trace), x, y, t, noise)[0].sum()
+    grads = torch.autograd.grad(loss, trace.hidden)
+    hidden = [h.detach() for h in trace.hidden]
+    previous = [recorder.v0.detach()] + hidden[:-1]
+    stats = {
+        "rms": torch.stack([token_rms(h) for h in hidden]),
+        "grad_norm": torch.stack([g.flatten(1).norm(dim=1) for g in grads]),
+        "cosine": torch.stack([token_cosine(h, p) for h, p in zip(hidden, previous)]),
+    }
+    return stats, [a.detach() for a in trace.alpha]
+
+
+def gate_gradients(model, x, y, t, noise):
+    """Residual models: dLoss_b/dg_{l,i} for every consumer l, as a list of [N_l, B] tensors."""
+    with swapped_router(model, GatedResidualRouter(model.depth)) as gated:
+        loss = flow_matching_loss(model, x, y, t, noise)[0].sum()
+    return [g.flatten(1) for g in torch.autograd.grad(loss, gated.gates)]
+
+
+def measure(model, images, labels, t_grid, batch_size=64, seed=0):
+    """All numbers for one model on uint8 images [N, C, S, S] with labels [N], at every t of t_grid.
+
+    Every image is noised once per t, with noise drawn from `seed` (the same for every checkpoint of a
+    dataset). Returns means over the images: {"blocks": {statistic: [T][L]}, "routing": "alpha" (DAR),
+    "importance" (residual) or None, and per consumer l = 1..2L+1: "by_consumer": [T][N_l] (alpha, or
+    |dLoss/dg|), "signed_by_consumer": [T][N_l] (dLoss/dg, residual only)}.
+    """
+    param = next(model.parameters())
+    routing = "alpha" if isinstance(model.router, DARRouter) else (
+        "importance" if isinstance(model.router, ResidualRouter) else None)
+    sums = {}  # key -> [T, ...] float64 sums over images
+
+    def add(key, ti, values):
+        if key not in sums:
+            sums[key] = torch.zeros(len(t_grid), *values.shape, dtype=torch.float64)
+        sums[key][ti] += values.detach().double().cpu()
+
+    generator = torch.Generator().manual_seed(seed)
+    for ti, t_value in enumerate(t_grid):
+        noise = torch.randn(images.shape, generator=generator)
+        for start in range(0, images.shape[0], batch_size):
+            x = to_model_space(images[start:start + batch_size]).to(param.device, param.dtype)
+            e = noise[start:start + batch_size].to(param.device, param.dtype)
+            y = labels[start:start + batch_size].to(param.device)
+            t = torch.full((x.shape[0],), t_value, device=param.device, dtype=param.dtype)
+            stats, alpha = block_statistics(model, x, y, t, e)
+            for name in STATISTICS:
+                add(name, ti, stats[name].sum(dim=1))
+            if routing == "alpha":
+                for l, a in enumerate(alpha, start=1):
+                    add(("by_consumer", l), ti, a.sum(dim=0))
+            elif routing == "importance":
+                for l, g in enumerate(gate_gradients(model, x, y, t, e), start=1):
+                    add(("by_consumer", l), ti, g.abs().sum(dim=1))
+                    add(("signed_by_consumer", l), ti, g.sum(dim=1))
+    mean = {key: (total / images.shape[0]).tolist() for key, total in sums.items()}
+    result = {"blocks": {name: mean[name] for name in STATISTICS}, "routing": routing}
+    for kind in ("by_consumer", "signed_by_consumer"):
+        if (kind, 1) in mean:
+            result[kind] = [mean[(kind, l)] for l in range(1, 2 * model.depth + 2)]
+    return result
+
+
+def consumer_name(l, depth):
+    if l == 2 * depth + 1:
+        return "final aggregator"
+    return f"sublayer {l} (block {(l + 1) // 2} {'attention' if l % 2 else 'MLP'})"
+
+
+def source_labels(model, l):
+    """Names of the sources consumer l reads: v0 (the patch embedding), v_i (sublayer i's output), and for
+    chunked DAR, "c_n (v_a-v_b)" the summary of a finished chunk (SPEC section 3)."""
+    written = l - 1
+    if not isinstance(model.router, DARRouter) or model.router.chunk == 1:
+        return [f"v{i}" for i in range(written + 1)]
+    chunk = model.router.chunk
+    closed = (written - 1) // chunk if l == 2 * model.depth + 1 else written // chunk  # the final closes none
+    summaries = [f"c{n + 1} (v{n * chunk + 1}-v{(n + 1) * chunk})" for n in range(closed)]
+    return ["v0"] + summaries + [f"v{i}" for i in range(closed * chunk + 1, written + 1)]
+
+
+#################################################################################
+#                         Checkpoints and held-out images                        #
+#################################################################################
+
+def describe(path, ckpt):
+    """A short name for a checkpoint: its run directory and step, e.g. SiT-T-4-residual@20000."""
+    parent = os.path.dirname(os.path.abspath(path))
+    run = os.path.basename(os.path.dirname(parent)) if os.path.basename(parent) == "checkpoints" else \
+        os.path.splitext(os.path.basename(path))[0]
+    return f"{run}@{ckpt['step']}"
+
+
+def held_out_images(data, num_images, data_dir=None):
+    """The first num_images images and labels of the validation split train.py made of a checkpoint's data."""
+    name, path = data.get("name"), data_dir or data.get("path")
+    if name not in ("fashion-mnist", "folder"):
+        raise ValueError(f"checkpoint data {name!r}: diagnose.py reads 'fashion-mnist' or 'folder' data")
+    split = argparse.Namespace(data=path if name == "folder" else None, data_dir=path if name == "fashion-mnist" else None,
+                               image_size=data["image_size"])
+    _, _, images, labels, _, _ = load_data(split)
+    return images[:num_images], labels[:num_images]
+
+
+def find_checkpoints(results_dir):
+    """The newest checkpoint of every run directory under results_dir."""
+    runs = sorted(os.path.join(results_dir, d) for d in os.listdir(results_dir)) if os.path.isdir(results_dir) else []
+    picked = [latest_checkpoint(run) for run in runs if os.path.isdir(os.path.join(run, "checkpoints"))]
+    return [p for p in picked if p is not None]
+
+
+def parse_t_grid(text):
+    """"K" -> the K bin centres (k + 0.5) / K; "0.1,0.5,0.9" -> those values."""
+    try:
+        if "," not in text and "." not in text:
+            k = int(text)
+            if k < 1:
+                raise ValueError
+            return [(i + 0.5) / k for i in range(k)]
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--t-grid {text!r}: expected a count (e.g. 10) or comma-separated t values in [0, 1]")
+    if not all(0 <= v <= 1 for v in values):
+        raise ValueError(f"--t-grid {text!r}: every t must lie in [0, 1] (0 = noise, 1 = data)")
+    return values
+
+
+def parse_layers(text, depth):
+    """"shallow,deep,final" style list of consumers: sublayer numbers 1..2L or "final" (2L + 1).
+    The default picks the attention sublayer of block L/4 + 1, that of the last block, and the final."""
+    if text is None:
+        return [2 * (depth // 4) + 1, 2 * depth - 1, 2 * depth + 1]
+    layers = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "final":
+            layers.append(2 * depth + 1)
+        elif item.isdigit() and 1 <= int(item) <= 2 * depth:
+            layers.append(int(item))
+        else:
+            raise ValueError(f"--layers {text!r}: {item!r} is neither a sublayer number in 1..{2 * depth} "
+                             f"(odd = attention, even = MLP) nor 'final'")
+    return layers
+
+
+#################################################################################
+#                            Figures, drawn with pillow                          #
+#################################################################################
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+VIRIDIS = [(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
+           (92, 200, 99), (170, 220, 50), (253, 231, 37)]
+LINE_PANEL = (440, 360)  # (width, height) of one line panel
+T_PANEL = (400, 290)
+HEAT_PANEL = (380, 460)
+COLORBAR_WIDTH = 120
+TITLE_HEIGHT = 44
+FOOTNOTE_HEIGHT = 30
+LEGEND_ROW = 26
+
+
+def font(size):
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def colormap(x):
+    """Viridis, x in [0, 1]."""
+    x = min(max(x, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(x), len(VIRIDIS) - 2)
+    f = x - i
+    return tuple(round(a + f * (b - a)) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+
+
+def nice_ticks(lo, hi, log=False):
+    """Axis range and ticks covering [lo, hi]: on a log axis 1, 2, 5 x 10^k (decades only for wide ranges),
+    on a linear one steps of 1, 2 or 5 x 10^k."""
+    if log:
+        mantissas = (1, 2, 5) if hi / lo <= 300 else (1,)
+        exponents = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+        candidates = [m * 10.0 ** e for e in exponents for m in mantissas]
+        low = max(c for c in candidates if c <= lo * (1 + 1e-9))
+        high = min(c for c in candidates if c >= hi * (1 - 1e-9) and c > low)
+        return (low, high), [c for c in candidates if low <= c <= high]
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * max(abs(lo), 1e-3), hi + 0.5 * max(abs(hi), 1e-3)
+    raw = (hi - lo) / 5
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    start, stop = math.floor(lo / step), math.ceil(hi / step)
+    return (start * step, stop * step), [k * step for k in range(start, stop + 1)]
+
+
+def tick_labels(ticks, log=False):
+    """Tick texts with as many decimals as the tick step needs (0.99998 and 1.00000, not 1 and 1)."""
+    if log or len(ticks) < 2:
+        return [f"{v:.3g}" for v in ticks]
+    decimals = max(0, -math.floor(math.log10(ticks[1] - ticks[0]) + 1e-9))
+    return [f"{v:.{decimals}f}" for v in ticks]
+
+
+def rotated_text(image, xy_center, text, fnt, fill=(0, 0, 0)):
+    """Paste text turned 90 degrees counter-clockwise, centred at xy_center (for y-axis labels)."""
+    w, h = int(fnt.getlength(text)) + 4, fnt.size + 6
+    label = Image.new("RGBA", (w, h), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((2, 1), text, font=fnt, fill=fill)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (int(xy_center[0] - label.width / 2), int(xy_center[1] - label.height / 2)), label)
+
+
+def centered_text(draw, xy, text, fnt, fill=(0, 0, 0)):
+    draw.text(xy, text, font=fnt, fill=fill, anchor="mm")
+
+
+class Axes:
+    """A plot area at box = (left, top, right, bottom) pixels showing x_range by y_range (optionally log y)."""
+
+    def __init__(self, image, box, x_range, y_range, log_y=False):
+        self.image, self.draw, self.box = image, ImageDraw.Draw(image), box
+        self.x_range, self.y_range, self.log_y = x_range, y_range, log_y
+
+    def px(self, x, y):
+        left, top, right, bottom = self.box
+        fx = (x - self.x_range[0]) / (self.x_range[1] - self.x_range[0])
+        if self.log_y:
+            fy = (math.log10(y) - math.log10(self.y_range[0])) / (math.log10(self.y_range[1]) - math.log10(self.y_range[0]))
+        else:
+            fy = (y - self.y_range[0]) / (self.y_range[1] - self.y_range[0])
+        return left + fx * (right - left), bottom - fy * (bottom - top)
+
+    def frame(self, x_ticks, y_ticks, x_label, y_label, title):
+        left, top, right, bottom = self.box
+        small, medium = font(13), font(15)
+        for y, text in zip(y_ticks, tick_labels(y_ticks, self.log_y)):
+            _, py = self.px(self.x_range[0], y)
+            self.draw.line([(left, py), (right, py)], fill=(228, 228, 228))
+            self.draw.line([(left - 5, py), (left, py)], fill=(0, 0, 0))
+            self.draw.text((left - 8, py), text, font=small, fill=(0, 0, 0), anchor="rm")
+        for x, text in zip(x_ticks, tick_labels(x_ticks)):
+            px, _ = self.px(x, self.y_range[0])
+            self.draw.line([(px, bottom), (px, bottom + 5)], fill=(0, 0, 0))
+            self.draw.text((px, bottom + 8), text, font=small, fill=(0, 0, 0), anchor="mt")
+        self.draw.rectangle(self.box, outline=(0, 0, 0))
+        centered_text(self.draw, ((left + right) / 2, bottom + 38), x_label, medium)
+        centered_text(self.draw, ((left + right) / 2, top - 16), title, font(16))
+        rotated_text(self.image, (left - 58, (top + bottom) / 2), y_label, medium)
+
+    def line(self, xs, ys, color):
+        points = [self.px(x, y) for x, y in zip(xs, ys) if not (self.log_y and y <= 0)]
+        if len(points) > 1:
+            self.draw.line(points, fill=color, width=2, joint="curve")
+        for px, py in points:
+            self.draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+
+
+def legend(image, top, entries, columns):
+    """Rows of (colour, label) entries below the panels, `columns` entries a row."""
+    draw, fnt = ImageDraw.Draw(image), font(14)
+    cell = image.width // columns
+    for k, (color, label) in enumerate(entries):
+        x, y = 20 + (k % columns) * cell, top + (k // columns) * LEGEND_ROW + LEGEND_ROW // 2
+        draw.line([(x, y), (x + 30, y)], fill=color, width=3)
+        draw.ellipse([x + 12, y - 3, x + 18, y + 3], fill=color)
+        draw.text((x + 38, y), label, font=fnt, fill=(0, 0, 0), anchor="lm")
+
+
+def y_axis(name, values, log):
+    """Range and ticks of a statistic's axis. Cosines are shown down to 0.9 at least, so that blocks that
+    are all near-copies of each other (cosine 0.9999) look like that, not like noise around 1."""
+    values = [v for v in values if math.isfinite(v) and (v > 0 or not log)]
+    if not values:
+        return nice_ticks(0.0, 1.0)
+    if name == "cosine":
+        return nice_ticks(min(min(values), 0.9), max(max(values), 1.0))
+    return nice_ticks(min(values), max(values), log=log)
+
+
+PANELS = (("rms", "forward: hidden-state RMS", "RMS (log scale)", True),
+          ("grad_norm", "backward: gradient norm", "|dLoss/dh| per image (log scale)", True),
+          ("cosine", "redundancy: cos(block k, block k-1)", "per-token cosine similarity", False))
+
+
+def line_figure_size(num_series):
+    columns = 2
+    return 3 * LINE_PANEL[0], TITLE_HEIGHT + LINE_PANEL[1] + math.ceil(num_series / columns) * LEGEND_ROW + 12
+
+
+def draw_symptoms(reports, path, subtitle):
+    """Fig. 2 layout: RMS, gradient norm and cosine against block index, one line per checkpoint."""
+    image = Image.new("RGB", line_figure_size(len(reports)), "white")
+    centered_text(ImageDraw.Draw(image), (image.width / 2, 18), f"Three symptoms per block ({subtitle})", font(18))
+    depth = max(len(r["overall"]["rms"]) for r in reports)
+    x_range, x_ticks = (0.5, depth + 0.5), block_ticks(depth)
+    for p, (name, title, y_label, log) in enumerate(PANELS):
+        values = [v for r in reports for v in r["overall"][name]]
+        log = log and any(v > 0 for v in values)  # a fresh adaLN-Zero model has zero gradients: stay linear
+        y_range, y_ticks = y_axis(name, values, log)
+        box = (p * LINE_PANEL[0] + 88, TITLE_HEIGHT + 32, (p + 1) * LINE_PANEL[0] - 14, TITLE_HEIGHT + LINE_PANEL[1] - 52)
+        axes = Axes(image, box, x_range, y_range, log_y=log)
+        axes.frame(x_ticks, y_ticks, "block", y_label if log else y_label.replace(" (log scale)", ""), title)
+        for k, r in enumerate(reports):
+            values = r["overall"][name]
+            axes.line(range(1, len(values) + 1), values, PALETTE[k % len(PALETTE)])
+    legend(image, TITLE_HEIGHT + LINE_PANEL[1], [(PALETTE[k % len(PALETTE)], r["label"]) for k, r in enumerate(reports)], 2)
+    image.save(path)
+
+
+def block_ticks(depth):
+    step = max(1, math.ceil(depth / 12))
+    return [1] + list(range(step, depth + 1, step)) if step > 1 else list(range(1, depth + 1))
+
+
+def t_figure_size(num_reports, num_t):
+    width = max(num_reports * T_PANEL[0], 600)
+    columns = max(1, width // 130)
+    return width, TITLE_HEIGHT + 3 * T_PANEL[1] + math.ceil(num_t / columns) * LEGEND_ROW + 12
+
+
+def draw_symptoms_by_t(reports, t_grid, path):
+    """One column per checkpoint, one row per statistic, one line per t (dark = noise, yellow = data)."""
+    size = t_figure_size(len(reports), len(t_grid))
+    image = Image.new("RGB", size, "white")
+    centered_text(ImageDraw.Draw(image), (image.width / 2, 18),
+                  "The symptoms along depth at each t (t = 0 noise, t = 1 data)", font(18))
+    colors = [colormap(0.88 * k / max(len(t_grid) - 1, 1)) for k in range(len(t_grid))]
+    depth = max(len(r["overall"]["rms"]) for r in reports)
+    for row, (name, title, y_label, log) in enumerate(PANELS):
+        values = [v for r in reports for per_t in r["by_t"][name] for v in per_t]
+        log = log and any(v > 0 for v in values)
+        y_range, y_ticks = y_axis(name, values, log)
+        margin = (size[0] - len(reports) * T_PANEL[0]) // 2
+        for col, r in enumerate(reports):
+            left, top = margin + col * T_PANEL[0], TITLE_HEIGHT + row * T_PANEL[1]
+            box = (left + 84, top + 30, left + T_PANEL[0] - 14, top + T_PANEL[1] - 52)
+            axes = Axes(image, box, (0.5, depth + 0.5), y_range, log_y=log)
+            axes.frame(block_ticks(depth), y_ticks, "block", y_label.replace(" per image", "").replace(" (log scale)", ""),
+                       f"{r['label']}: {title.split(':')[0]}")
+            for k, per_t in enumerate(r["by_t"][name]):
+                axes.line(range(1, len(per_t) + 1), per_t, colors[k])
+    columns = max(1, size[0] // 130)
+    legend(image, TITLE_HEIGHT + 3 * T_PANEL[1], [(c, f"t = {t:.2f}") for c, t in zip(colors, t_grid)], columns)
+    image.save(path)
+
+
+def heatmap_figure_size(num_panels):
+    return num_panels * HEAT_PANEL[0] + COLORBAR_WIDTH, TITLE_HEIGHT + HEAT_PANEL[1] + FOOTNOTE_HEIGHT
+
+
+def draw_routing(report, layers, path):
+    """Fig. 3 layout: one heatmap of source x t per chosen consumer, with a shared colour bar.
+
+    DAR: alpha (mean over images and tokens). Residual: each source's share of sum_i |dLoss/dg_{l,i}| at that t.
+    """
+    alpha = report["routing"] == "alpha"
+    panels = []
+    for l in layers:
+        rows = report["consumers"][str(l)]
+        values = rows["alpha"] if alpha else rows["importance_share"]
+        panels.append((consumer_name(l, report["depth"]), rows["sources"], values))
+    vmax = max([v for _, _, values in panels for per_t in values for v in per_t] + [1e-12])
+    image = Image.new("RGB", heatmap_figure_size(len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    what = ("routing weight alpha of each source (mean over images and tokens)" if alpha else
+            "counterfactual importance: each source's share of |dLoss/dg| at that t")
+    centered_text(draw, (image.width / 2, 18), f"{report['label']}: {what}", font(17))
+    small = font(12)
+    for p, (title, sources, values) in enumerate(panels):
+        left, top = p * HEAT_PANEL[0] + 96, TITLE_HEIGHT + 30
+        right, bottom = (p + 1) * HEAT_PANEL[0] - 12, TITLE_HEIGHT + HEAT_PANEL[1] - 56
+        cell_w, cell_h = (right - left) / len(values), (bottom - top) / len(sources)
+        for ti, per_t in enumerate(values):
+            for si, v in enumerate(per_t):
+                draw.rectangle([left + ti * cell_w, top + si * cell_h, left + (ti + 1) * cell_w, top + (si + 1) * cell_h],
+                               fill=colormap(v / vmax))
+        draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+        label_every = max(1, math.ceil(len(sources) * 13 / (bottom - top)))
+        for si, name in enumerate(sources):
+            if si % label_every == 0 or si == len(sources) - 1:
+                draw.text((left - 5, top + (si + 0.5) * cell_h), name.split(" ")[0] if len(sources) > 12 else name,
+                          font=small, fill=(0, 0, 0), anchor="rm")
+        t_every = max(1, math.ceil(len(values) * 34 / (right - left)))
+        for ti, t in enumerate(report["t_grid"]):
+            if ti % t_every == 0:
+                draw.text((left + (ti + 0.5) * cell_w, bottom + 5), f"{t:.2f}", font=small, fill=(0, 0, 0), anchor="mt")
+        centered_text(draw, ((left + right) / 2, bottom + 34), "t  (0 = noise, 1 = data)", font(14))
+        centered_text(draw, ((left + right) / 2, top - 15), title, font(15))
+        if p == 0:
+            rotated_text(image, (16, (top + bottom) / 2), "source", font(15))
+    chunked = any(name.startswith("c") for _, sources, _ in panels for name in sources)
+    centered_text(draw, (image.width / 2, image.height - FOOTNOTE_HEIGHT / 2),
+                  "v0: patch embedding;  vi: output of sublayer i (odd i attention, even i MLP)"
+                  + (";  cn (va-vb): sum of the finished chunk va..vb" if chunked else ""), font(14))
+    bar_left, bar_top, bar_bottom = image.width - COLORBAR_WIDTH + 20, TITLE_HEIGHT + 30, TITLE_HEIGHT + HEAT_PANEL[1] - 56
+    for y in range(bar_top, bar_bottom + 1):
+        draw.line([(bar_left, y), (bar_left + 20, y)], fill=colormap((bar_bottom - y) / (bar_bottom - bar_top)))
+    draw.rectangle([bar_left, bar_top, bar_left + 20, bar_bottom], outline=(0, 0, 0))
+    for k in range(5):
+        y = bar_bottom - k * (bar_bottom - bar_top) / 4
+        draw.line([(bar_left + 20, y), (bar_left + 25, y)], fill=(0, 0, 0))
+        draw.text((bar_left + 28, y), f"{vmax * k / 4:.2g}", font=small, fill=(0, 0, 0), anchor="lm")
+    centered_text(draw, (bar_left + 10, bar_bottom + 20), "alpha" if alpha else "share", font(14))
+    image.save(path)
+
+
+#################################################################################
+#                                     Report                                     #
+#################################################################################
+
+def diagnose_model(model, images, labels, t_grid, layers, batch_size=64, seed=0):
+    """measure() arranged as a report: plain lists and numbers, JSON-ready, keyed by what they are."""
+    measured = measure(model, images, labels, t_grid, batch_size=batch_size, seed=seed)
+    report = {
+        "depth": model.depth, "num_images": int(images.shape[0]), "t_grid": list(t_grid), "layers": layers,
+        "by_t": measured["blocks"],
+        "overall": {name: [sum(col) / len(col) for col in zip(*measured["blocks"][name])] for name in STATISTICS},
+        "routing": measured["routing"],
+    }
+    if measured["routing"] is None:
+        return report
+    report["consumers"] = {}
+    for l, per_t in enumerate(measured["by_consumer"], start=1):
+        entry = {"name": consumer_name(l, model.depth), "sources": source_labels(model, l)}
+        assert len(entry["sources"]) == len(per_t[0]), "source labels out of step with the router"
+        if measured["routing"] == "alpha":
+            entry["alpha"] = per_t
+        else:
+            entry["importance_abs"] = per_t
+            entry["importance_share"] = [[v / sum(row) if sum(row) > 0 else 0.0 for v in row] for row in per_t]
+            entry["gate_gradient_mean"] = measured["signed_by_consumer"][l - 1]
+        report["consumers"][str(l)] = entry
+    return report
+
+
+def diagnose_checkpoint(path, args):
+    """Load one checkpoint and its held-out images, and return its report."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--ckpt {path}: no such file")
+    model, ckpt = load_model(path, ema=args.weights == "ema", device=args.device)
+    images, labels = held_out_images(ckpt["data"], args.num_images, args.data_dir)
+    layers = parse_layers(args.layers, model.depth)
+    config = ckpt["model_config"]
+    report = {"label": describe(path, ckpt), "checkpoint": os.path.abspath(path), "step": ckpt["step"],
+              "weights": args.weights, "model": config["name"], "router": config.get("router", "residual"),
+              "query": config.get("query"), "chunk": config.get("chunk"), "data": ckpt["data"]}
+    report.update(diagnose_model(model, images, labels, args.t_grid, layers, args.batch_size, args.seed))
+    return report
+
+
+def print_table(reports):
+    tags = [chr(ord("A") + k) if k < 26 else f"#{k}" for k in range(len(reports))]
+    for tag, r in zip(tags, reports):
+        print(f"[{tag}] {r['label']}  ({r['router']}, {r['num_images']} images x {len(r['t_grid'])} t, "
+              f"{r['weights']} weights)  {r['checkpoint']}")
+    print("rms: hidden-state RMS; grad: |dLoss/dh| per image; cos: cosine with the previous block; mean over t")
+    header = "block" + "".join(f" | [{tag}] {'rms':>8} {'grad':>9} {'cos':>6}" for tag in tags)
+    print(header)
+    print("-" * len(header))
+    for k in range(max(r["depth"] for r in reports)):
+        cells = []
+        for tag, r in zip(tags, reports):
+            if k < r["depth"]:
+                o = r["overall"]
+                cells.append(f" | {' ' * (len(tag) + 2)} {o['rms'][k]:8.3g} {o['grad_norm'][k]:9.3g} {o['cosine'][k]:6.3f}")
+            else:
+                cells.append(" | " + " " * (len(tag) + 27))
+        print(f"{k + 1:5d}" + "".join(cells))
+
+
+def safe_name(label):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", help="checkpoint to diagnose (repeat to compare); "
+                        "default: the newest checkpoint of every run under --results-dir")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--out-dir", default=None, help="where the JSON and figures go (default: <results-dir>/diagnose)")
+    parser.add_argument("--num-images", type=int, default=128, help="held-out images per t")
+    parser.add_argument("--t-grid", default="10", help="a count K (bin centres (k + 0.5) / K) or t values like 0.1,0.5,0.9")
+    parser.add_argument("--layers", default=None, help="consumers whose routing to draw: sublayer numbers "
+                        "1..2L (odd = attention, even = MLP) and/or 'final'; default: a shallow, a deep, final")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        args.t_grid = parse_t_grid(args.t_grid)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error("--num-images and --batch-size must be at least 1")
+    paths = args.ckpt
+    if not paths:
+        paths = find_checkpoints(args.results_dir)
+        if not paths:
+            parser.error(f"no checkpoints found under {args.results_dir}/<run>/checkpoints/: train with train.py "
+                         f"or pass --ckpt")
+        print("diagnosing the newest checkpoint of every run under " + args.results_dir + ":")
+        for p in paths:
+            print("  " + p)
+    try:
+        reports = [diagnose_checkpoint(p, args) for p in paths]
+    except ValueError as e:
+        parser.error(str(e))
+    out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
+    os.makedirs(out_dir, exist_ok=True)
+    print_table(reports)
+    written = [os.path.join(out_dir, "diagnose.json"), os.path.join(out_dir, "symptoms.png"),
+               os.path.join(out_dir, "symptoms_by_t.png")]
+    with open(written[0], "w") as f:
+        json.dump({"reports": reports}, f, indent=1)
+    subtitle = f"mean over {reports[0]['num_images']} held-out images x {len(args.t_grid)} values of t"
+    draw_symptoms(reports, written[1], subtitle)
+    draw_symptoms_by_t(reports, args.t_grid, written[2])
+    for r in reports:
+        if r["routing"] is not None:
+            written.append(os.path.join(out_dir, f"routing_{safe_name(r['label'])}.png"))
+            draw_routing(r, r["layers"], written[-1])
+    print("wrote " + ", ".join(written))
+    return reports
+
+
+if __name__ == "__main__":
+    main()
