@@ -222,10 +222,16 @@ def held_out_images(data, num_images, data_dir=None):
     name, path = data.get("name"), data_dir or data.get("path")
     if name not in ("fashion-mnist", "folder"):
         raise ValueError(f"checkpoint data {name!r}: diagnose.py reads 'fashion-mnist' or 'folder' data")
-    split = argparse.Namespace(data=path if name == "folder" else None, data_dir=path if name == "fashion-mnist" else None,
-                               image_size=data["image_size"])
-    _, _, images, labels, _, _ = load_data(split)
+    images, labels = validation_split(name, path, data["image_size"])
     return images[:num_images], labels[:num_images]
+
+
+@functools.lru_cache(maxsize=2)  # checkpoints compared side by side usually share their data
+def validation_split(name, path, image_size):
+    split = argparse.Namespace(data=path if name == "folder" else None,
+                               data_dir=path if name == "fashion-mnist" else None, image_size=image_size)
+    _, _, images, labels, _, _ = load_data(split)
+    return images, labels
 
 
 def find_checkpoints(results_dir):
@@ -245,7 +251,7 @@ def parse_t_grid(text):
             return [(i + 0.5) / k for i in range(k)]
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--t-grid {text!r}: expected a count (e.g. 10) or comma-separated t values in [0, 1]")
+        raise ValueError(f"--t-grid {text!r}: expected a count (e.g. 10) or comma-separated t values in [0, 1]") from None
     if not all(0 <= v <= 1 for v in values):
         raise ValueError(f"--t-grid {text!r}: every t must lie in [0, 1] (0 = noise, 1 = data)")
     return values
@@ -279,13 +285,13 @@ VIRIDIS = [(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 
            (92, 200, 99), (170, 220, 50), (253, 231, 37)]
 LINE_PANEL = (440, 360)  # (width, height) of one line panel
 T_PANEL = (400, 290)
-HEAT_PANEL = (380, 460)
-COLORBAR_WIDTH = 120
+HEAT_PANEL = (440, 460)
 TITLE_HEIGHT = 44
-FOOTNOTE_HEIGHT = 30
+FOOTNOTE_HEIGHT = 46
 LEGEND_ROW = 26
 
 
+@functools.lru_cache(maxsize=None)
 def font(size):
     try:
         return ImageFont.truetype("DejaVuSans.ttf", size)
@@ -471,62 +477,79 @@ def draw_symptoms_by_t(reports, t_grid, path):
 
 
 def heatmap_figure_size(num_panels):
-    return num_panels * HEAT_PANEL[0] + COLORBAR_WIDTH, TITLE_HEIGHT + HEAT_PANEL[1] + FOOTNOTE_HEIGHT
+    return num_panels * HEAT_PANEL[0], TITLE_HEIGHT + HEAT_PANEL[1] + FOOTNOTE_HEIGHT
+
+
+def colour_range(values):
+    """A panel's colour scale: its own min..max, so that dependence on t shows even when small (the colour
+    bar gives the numbers); a constant panel gets the middle colour."""
+    flat = [v for row in values for v in row]
+    lo, hi = min(flat), max(flat)
+    if hi - lo <= 1e-9 * max(abs(hi), 1e-12):
+        return (0.0, 2 * hi) if hi > 0 else (-1.0, 1.0)
+    return lo, hi
+
+
+def draw_heatmap(image, box, values, row_labels, t_grid, title, bar_label):
+    """values[t][row] as a grid (t along x, rows top to bottom), with a colour bar to its right."""
+    draw, small = ImageDraw.Draw(image), font(12)
+    left, top, right, bottom = box
+    lo, hi = colour_range(values)
+    cell_w, cell_h = (right - left) / len(values), (bottom - top) / len(row_labels)
+    for ti, column in enumerate(values):
+        for ri, v in enumerate(column):
+            draw.rectangle([left + ti * cell_w, top + ri * cell_h, left + (ti + 1) * cell_w, top + (ri + 1) * cell_h],
+                           fill=colormap((v - lo) / (hi - lo)))
+    draw.rectangle(box, outline=(0, 0, 0))
+    label_every = max(1, math.ceil(len(row_labels) * 13 / (bottom - top)))
+    for ri, name in enumerate(row_labels):
+        if ri % label_every == 0 or ri == len(row_labels) - 1:
+            draw.text((left - 5, top + (ri + 0.5) * cell_h), name if len(row_labels) <= 12 else name.split(" ")[0],
+                      font=small, fill=(0, 0, 0), anchor="rm")
+    t_every = max(1, math.ceil(len(values) * 34 / (right - left)))
+    for ti, t in enumerate(t_grid):
+        if ti % t_every == 0:
+            draw.text((left + (ti + 0.5) * cell_w, bottom + 5), f"{t:.2f}", font=small, fill=(0, 0, 0), anchor="mt")
+    centered_text(draw, ((left + right) / 2, bottom + 34), "t  (0 = noise, 1 = data)", font(14))
+    centered_text(draw, ((left + right) / 2, top - 15), title, font(15))
+    bar_left = right + 12
+    for y in range(top, bottom + 1):
+        draw.line([(bar_left, y), (bar_left + 14, y)], fill=colormap((bottom - y) / (bottom - top)))
+    draw.rectangle([bar_left, top, bar_left + 14, bottom], outline=(0, 0, 0))
+    ticks = [v for v in nice_ticks(lo, hi)[1] if lo - 1e-9 * (hi - lo) <= v <= hi + 1e-9 * (hi - lo)]
+    for v, text in zip(ticks, tick_labels(ticks)):
+        y = bottom - (v - lo) / (hi - lo) * (bottom - top)
+        draw.line([(bar_left + 14, y), (bar_left + 18, y)], fill=(0, 0, 0))
+        draw.text((bar_left + 20, y), text, font=small, fill=(0, 0, 0), anchor="lm")
+    centered_text(draw, (bar_left + 7, bottom + 20), bar_label, font(13))
 
 
 def draw_routing(report, layers, path):
-    """Fig. 3 layout: one heatmap of source x t per chosen consumer, with a shared colour bar.
+    """Fig. 3 layout: one heatmap of source x t per chosen consumer.
 
     DAR: alpha (mean over images and tokens). Residual: each source's share of sum_i |dLoss/dg_{l,i}| at that t.
     """
     alpha = report["routing"] == "alpha"
-    panels = []
-    for l in layers:
-        rows = report["consumers"][str(l)]
-        values = rows["alpha"] if alpha else rows["importance_share"]
-        panels.append((consumer_name(l, report["depth"]), rows["sources"], values))
-    vmax = max([v for _, _, values in panels for per_t in values for v in per_t] + [1e-12])
-    image = Image.new("RGB", heatmap_figure_size(len(panels)), "white")
+    image = Image.new("RGB", heatmap_figure_size(len(layers)), "white")
     draw = ImageDraw.Draw(image)
     what = ("routing weight alpha of each source (mean over images and tokens)" if alpha else
             "counterfactual importance: each source's share of |dLoss/dg| at that t")
     centered_text(draw, (image.width / 2, 18), f"{report['label']}: {what}", font(17))
-    small = font(12)
-    for p, (title, sources, values) in enumerate(panels):
-        left, top = p * HEAT_PANEL[0] + 96, TITLE_HEIGHT + 30
-        right, bottom = (p + 1) * HEAT_PANEL[0] - 12, TITLE_HEIGHT + HEAT_PANEL[1] - 56
-        cell_w, cell_h = (right - left) / len(values), (bottom - top) / len(sources)
-        for ti, per_t in enumerate(values):
-            for si, v in enumerate(per_t):
-                draw.rectangle([left + ti * cell_w, top + si * cell_h, left + (ti + 1) * cell_w, top + (si + 1) * cell_h],
-                               fill=colormap(v / vmax))
-        draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-        label_every = max(1, math.ceil(len(sources) * 13 / (bottom - top)))
-        for si, name in enumerate(sources):
-            if si % label_every == 0 or si == len(sources) - 1:
-                draw.text((left - 5, top + (si + 0.5) * cell_h), name.split(" ")[0] if len(sources) > 12 else name,
-                          font=small, fill=(0, 0, 0), anchor="rm")
-        t_every = max(1, math.ceil(len(values) * 34 / (right - left)))
-        for ti, t in enumerate(report["t_grid"]):
-            if ti % t_every == 0:
-                draw.text((left + (ti + 0.5) * cell_w, bottom + 5), f"{t:.2f}", font=small, fill=(0, 0, 0), anchor="mt")
-        centered_text(draw, ((left + right) / 2, bottom + 34), "t  (0 = noise, 1 = data)", font(14))
-        centered_text(draw, ((left + right) / 2, top - 15), title, font(15))
-        if p == 0:
-            rotated_text(image, (16, (top + bottom) / 2), "source", font(15))
-    chunked = any(name.startswith("c") for _, sources, _ in panels for name in sources)
-    centered_text(draw, (image.width / 2, image.height - FOOTNOTE_HEIGHT / 2),
-                  "v0: patch embedding;  vi: output of sublayer i (odd i attention, even i MLP)"
-                  + (";  cn (va-vb): sum of the finished chunk va..vb" if chunked else ""), font(14))
-    bar_left, bar_top, bar_bottom = image.width - COLORBAR_WIDTH + 20, TITLE_HEIGHT + 30, TITLE_HEIGHT + HEAT_PANEL[1] - 56
-    for y in range(bar_top, bar_bottom + 1):
-        draw.line([(bar_left, y), (bar_left + 20, y)], fill=colormap((bar_bottom - y) / (bar_bottom - bar_top)))
-    draw.rectangle([bar_left, bar_top, bar_left + 20, bar_bottom], outline=(0, 0, 0))
-    for k in range(5):
-        y = bar_bottom - k * (bar_bottom - bar_top) / 4
-        draw.line([(bar_left + 20, y), (bar_left + 25, y)], fill=(0, 0, 0))
-        draw.text((bar_left + 28, y), f"{vmax * k / 4:.2g}", font=small, fill=(0, 0, 0), anchor="lm")
-    centered_text(draw, (bar_left + 10, bar_bottom + 20), "alpha" if alpha else "share", font(14))
+    chunked = False
+    for p, l in enumerate(layers):
+        consumer = report["consumers"][str(l)]
+        chunked = chunked or len(consumer["sources"]) > 1 and consumer["sources"][1].startswith("c")
+        box = (p * HEAT_PANEL[0] + 96, TITLE_HEIGHT + 30, (p + 1) * HEAT_PANEL[0] - 76, TITLE_HEIGHT + HEAT_PANEL[1] - 56)
+        draw_heatmap(image, box, consumer["alpha"] if alpha else consumer["importance_share"], consumer["sources"],
+                     report["t_grid"], consumer["name"], "alpha" if alpha else "share")
+    rotated_text(image, (16, TITLE_HEIGHT + HEAT_PANEL[1] / 2), "source", font(15))
+    sources = ("v0: patch embedding;  vi: output of sublayer i (odd i attention, even i MLP)"
+               + (";  cn (va-vb): sum of the finished chunk va..vb" if chunked else ""))
+    scale = "Each panel has its own colour scale" + (
+        "; uniform routing is alpha = 1 / (number of sources)." if alpha else
+        " (mean over images of |dLoss/dg|, divided by its sum over the sources).")
+    for k, line in enumerate((sources, scale)):
+        centered_text(draw, (image.width / 2, image.height - FOOTNOTE_HEIGHT + 10 + 20 * k), line, font(13))
     image.save(path)
 
 
@@ -633,6 +656,10 @@ def main(argv=None):
         reports = [diagnose_checkpoint(p, args) for p in paths]
     except ValueError as e:
         parser.error(str(e))
+    labels = [r["label"] for r in reports]
+    for k, r in enumerate(reports):
+        if labels.count(r["label"]) > 1:  # e.g. runs of one name under two results directories
+            r["label"] += f"#{k + 1}"
     out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
     os.makedirs(out_dir, exist_ok=True)
     print_table(reports)
