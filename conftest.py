@@ -7,3 +7,5 @@ on a CUDA machine runs test_router_triton.py against the compiled kernels instea
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The test models are tiny: one thread per process is as fast, and torchrun tests start several processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")

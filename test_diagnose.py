@@ -13,6 +13,7 @@ import diagnose
 from model import SiT, create_model
 from router import Trace
 from train import flow_matching_loss
+from test_router import perturb
 
 DEPTH = 3  # 2L = 6 sublayers, 7 consumers with the final layer
 
@@ -22,16 +23,6 @@ def tiny(router="residual", query="static", chunk=1, dtype=torch.float64, seed=0
     model = SiT(input_size=8, patch_size=2, in_channels=2, hidden_size=16, depth=DEPTH, num_heads=2,
                 num_classes=3, router=router, query=query, chunk=chunk)
     return model.to(dtype).eval()
-
-
-def perturb(model, std=0.3, seed=1):
-    """Random values everywhere, so that zero-initialized gates, queries and heads hide nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
 
 
 def batch(n=4, dtype=torch.float64, seed=2):
