@@ -214,7 +214,7 @@ def test_ema_update_rule():
 
 def test_defaults_and_run_name():
     args = train.parse_args(["--router", "dar", "--chunk", "4"])
-    assert (args.model, args.lr, args.ema_decay, args.run_name) == ("SiT-T/4", 5e-4, 0.995, "SiT-T-4-dar-static-c4")
+    assert (args.model, args.lr, args.ema_decay, args.run_name) == ("SiT-T/4", 1e-3, 0.995, "SiT-T-4-dar-static-c4")
     args = train.parse_args(["--model", "SiT-XL/2"])
     assert (args.lr, args.ema_decay, args.run_name) == (1e-4, 0.9999, "SiT-XL-2-residual")
     with pytest.raises(SystemExit):

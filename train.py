@@ -487,7 +487,7 @@ def parse_args(argv=None):
     add("--image-size", type=int, default=32, help="Fashion-MNIST's 28 x 28 is padded (default %(default)s)")
     add("--max-steps", type=int, default=1500, help="(default %(default)s)")
     add("--global-batch-size", type=int, default=64, help="summed over all processes (default %(default)s)")
-    add("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4; 5e-4 for the tiny T/D configs)")
+    add("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4; 1e-3 for the tiny T/D configs)")
     add("--ema-decay", type=float, default=None, help="default 0.9999; 0.995 for the tiny T/D configs")
     add("--label-dropout", type=float, default=0.1, help="class label dropout for CFG (default %(default)s)")
     add("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping (default)")
@@ -511,7 +511,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     tiny = args.model.split("-")[1].split("/")[0] in TINY_SIZES
     if args.lr is None:
-        args.lr = 5e-4 if tiny else 1e-4
+        args.lr = 1e-3 if tiny else 1e-4
     if args.ema_decay is None:
         args.ema_decay = 0.995 if tiny else 0.9999
     if args.run_name is None:
