@@ -34,9 +34,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from flow import flow_matching_loss
 from model import SiT_models, create_model
 from router import KERNELS, QUERIES, Trace, dar_mix
-from train import flow_matching_loss
 
 MIB = 2 ** 20
 

@@ -1,6 +1,7 @@
-"""The datasets of train.py (also read by sample.py, fid.py and diagnose.py), and SD-VAE latent extraction.
+"""The datasets of train.py (also read by sample.py, fid.py and diagnose.py), SD-VAE latent extraction,
+and the way back from model space to images (uint8, PNG grids, VAE decoding).
 
-Not a script: train.py, fid.py and diagnose.py import it; the extraction runs as
+Not a script: the scripts import it; the extraction runs as
     python train.py --extract-latents --data /path/to/imagenet/train --out latents/
     torchrun --nproc_per_node 8 train.py --extract-latents --data /path/to/imagenet/train --out latents/
 and `python train.py --data latents/` trains on its output.
@@ -9,6 +10,7 @@ and `python train.py --data latents/` trains on its output.
     an image folder in ImageNet layout root/<class>/...   load_image_folder
     SD-VAE latents of an image folder                     extract_latents, LatentSet
     what train.py --data trains on, with its split        load_data
+    model space -> uint8 images, a PNG grid, VAE decoding to_uint8, save_grid, latent_decoder
 
 Images are NCHW uint8 here; in model space they are float in [-1, 1] (to_model_space).
 
@@ -486,3 +488,42 @@ def to_model_space(images):
 def format_duration(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+GRID_MAX = 16  # save_grid shows at most 16 rows of 16 images
+
+
+def to_uint8(x):
+    """Model space [-1, 1] -> uint8 (the inverse of x = uint8 / 127.5 - 1)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_grid(images, labels, path, by_class):
+    """PNG grid of uint8 NCHW images: one row per class (in order of first appearance) when by_class,
+    else the first images in a near-square grid. 1-channel images give a grayscale PNG."""
+    if by_class:
+        classes = list(dict.fromkeys(labels.tolist()))[:GRID_MAX]
+        rows = [images[labels == c][:GRID_MAX] for c in classes]
+    else:
+        count = min(len(images), GRID_MAX * GRID_MAX)
+        columns = math.ceil(math.sqrt(count))
+        rows = [images[i:i + columns] for i in range(0, count, columns)]
+    columns = max(len(r) for r in rows)
+    channels, height, width = images.shape[1:]
+    pad = 2
+    grid = torch.zeros(channels, len(rows) * (height + pad) + pad, columns * (width + pad) + pad, dtype=torch.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = pad + r * (height + pad), pad + c * (width + pad)
+            grid[:, top:top + height, left:left + width] = image
+    array = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if channels == 1 else array).save(path)
+
+
+def latent_decoder(data, vae=None, device="cpu"):
+    """For a checkpoint trained on SD-VAE latents (its "data" entry): latents -> images in [-1, 1] through
+    its VAE (or `vae`, a Hugging Face id or folder), undoing the scale applied at extraction. Else None."""
+    if data.get("name") != "latents":
+        return None
+    autoencoder, scale = load_vae(vae or data["vae"], device), data["scale"]
+    return lambda z: autoencoder.decode(z / scale).sample

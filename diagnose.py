@@ -21,6 +21,10 @@ do not depend on the batch size.
 Prints a table (one row per block, one column group per checkpoint) and writes to --out-dir: diagnose.json
 (every number), symptoms.png (Fig. 2 layout), symptoms_by_t.png, and routing_<run>.png per checkpoint
 (Fig. 3 layout).
+
+    python diagnose.py --curves residual=results/a-s0 residual=results/a-s1 "dar c4"=results/b-s0
+
+draws the EMA validation curves of runs (from their log.jsonl) into <out-dir>/val_loss.png instead.
 """
 import argparse
 import functools
@@ -28,15 +32,17 @@ import json
 import math
 import os
 import re
+import statistics
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
+from checkpoint import latest_checkpoint, load_model, validation_curve
 from data import load_data, to_model_space
-from router import DARRouter, ResidualRouter, Route, Trace
-from train import flow_matching_loss, latest_checkpoint, load_model
+from flow import flow_matching_loss
+from router import DARRouter, ResidualRouter, Route, Trace, chunk_sources
 
 STATISTICS = ("rms", "grad_norm", "cosine")
 
@@ -195,15 +201,13 @@ def consumer_name(l, depth):
 
 
 def source_labels(model, l):
-    """Names of the sources consumer l reads: v0 (the patch embedding), v_i (sublayer i's output), and for
-    chunked DAR, "c_n (v_a-v_b)" the summary of a finished chunk (SPEC section 3)."""
-    written = l - 1
-    if not isinstance(model.router, DARRouter) or model.router.chunk == 1:
-        return [f"v{i}" for i in range(written + 1)]
+    """Names of the sources consumer l reads (router.chunk_sources): v0 (the patch embedding), v_i (sublayer
+    i's output), and for chunked DAR "c_n (v_a-v_b)", the summary of finished chunk n."""
+    if not isinstance(model.router, DARRouter):
+        return [f"v{i}" for i in range(l)]
     chunk = model.router.chunk
-    closed = (written - 1) // chunk if l == 2 * model.depth + 1 else written // chunk  # the final closes none
-    summaries = [f"c{n + 1} (v{n * chunk + 1}-v{(n + 1) * chunk})" for n in range(closed)]
-    return ["v0"] + summaries + [f"v{i}" for i in range(closed * chunk + 1, written + 1)]
+    return [f"v{first}" if first == last else f"c{last // chunk} (v{first}-v{last})"
+            for first, last in chunk_sources(l, model.depth, chunk)]
 
 
 #################################################################################
@@ -572,7 +576,6 @@ def diagnose_model(model, images, labels, t_grid, layers, batch_size=64, seed=0)
     report["consumers"] = {}
     for l, per_t in enumerate(measured["by_consumer"], start=1):
         entry = {"name": consumer_name(l, model.depth), "sources": source_labels(model, l)}
-        assert len(entry["sources"]) == len(per_t[0]), "source labels out of step with the router"
         if measured["routing"] == "alpha":
             entry["alpha"] = per_t
         else:
@@ -618,6 +621,56 @@ def print_table(reports):
         print(f"{k + 1:5d}" + "".join(cells))
 
 
+#################################################################################
+#                      Training curves of runs (--curves)                        #
+#################################################################################
+
+def draw_curves(runs, path, title):
+    """Left: EMA validation loss against step. Right: its difference from the mean of the first label's runs,
+    in percent, where that label's own seeds show the noise. runs: [(label, run directory)]; one colour per
+    label, a line per run."""
+    curves = {}
+    for label, run_dir in runs:
+        curve = validation_curve(run_dir)
+        if not curve:
+            raise ValueError(f"--curves {label}={run_dir}: no validation records in {run_dir}/log.jsonl")
+        curves.setdefault(label, []).append(curve)
+    reference_label = next(iter(curves))
+    reference = {s: statistics.mean(dict(c)[s] for c in curves[reference_label] if s in dict(c))
+                 for s, _ in curves[reference_label][0]}
+    relative = {label: [[(s, 100 * (v / reference[s] - 1)) for s, v in curve if s in reference] for curve in per_label]
+                for label, per_label in curves.items()}
+    image = Image.new("RGB", (1400, 560 + LEGEND_ROW * math.ceil(len(curves) / 4)), "white")
+    colours = {label: PALETTE[k % len(PALETTE)] for k, label in enumerate(curves)}
+    panels = ((curves, "EMA validation loss", "validation loss (EMA)"),
+              (relative, f"difference from {reference_label} (mean of its runs)", "difference in validation loss, %"))
+    for p, (series, panel_title, y_label) in enumerate(panels):
+        values = [v for per_label in series.values() for curve in per_label for _, v in curve]
+        steps = [s for per_label in series.values() for curve in per_label for s, _ in curve]
+        y_range, y_ticks = nice_ticks(min(values), max(values))
+        x_range, x_ticks = nice_ticks(0, max(steps))
+        axes = Axes(image, (p * 700 + 100, 60, p * 700 + 680, 480), x_range, y_range)
+        axes.frame(x_ticks, y_ticks, "training step", y_label, panel_title)
+        for label, per_label in series.items():
+            for curve in per_label:
+                axes.line([s for s, _ in curve], [v for _, v in curve], colours[label])
+    centered_text(ImageDraw.Draw(image), (700, 16), title, font(18))
+    legend(image, 540, [(colours[label], f"{label} ({len(per_label)} run{'s' * (len(per_label) > 1)})")
+                        for label, per_label in curves.items()], 4)
+    image.save(path)
+
+
+def parse_curves(specs):
+    """--curves LABEL=RUN_DIR ... -> [(label, run directory)]."""
+    runs = []
+    for spec in specs:
+        label, separator, run_dir = spec.rpartition("=")
+        if not separator or not label or not os.path.isdir(run_dir):
+            raise ValueError(f"--curves {spec!r}: expected LABEL=RUN_DIR with an existing run directory")
+        runs.append((label, run_dir))
+    return runs
+
+
 def safe_name(label):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
@@ -637,7 +690,21 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,
+                        help="instead of diagnosing checkpoints: draw the validation curves of these runs into "
+                        "<out-dir>/val_loss.png (runs sharing a label are seeds; the first label is the reference)")
+    parser.add_argument("--curves-title", default="validation loss on the fixed held-out batch")
     args = parser.parse_args(argv)
+    if args.curves:
+        try:
+            runs = parse_curves(args.curves)
+        except ValueError as e:
+            parser.error(str(e))
+        out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
+        os.makedirs(out_dir, exist_ok=True)
+        draw_curves(runs, os.path.join(out_dir, "val_loss.png"), args.curves_title)
+        print(f"wrote {os.path.join(out_dir, 'val_loss.png')}")
+        return None
     try:
         args.t_grid = parse_t_grid(args.t_grid)
     except ValueError as e:

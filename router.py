@@ -244,8 +244,28 @@ class SourceMixer(nn.Module):
         return self.query_proj(u)
 
 
+def chunk_sources(l, depth, chunk):
+    """V_l, the sources consumer l reads (sublayers l = 1..2L, and 2L + 1 for the final aggregator), as
+    (first, last) sublayer ranges: (0, 0) is v_0, (i, i) the raw output v_i, and a longer range the summary
+    c_n = v_first + ... + v_last of a finished chunk (with S = 1 every summary is one raw output: dense DAR).
+
+    Chunk n covers sublayers (n-1)S+1 .. nS, and consumer l in chunk m reads
+    V_l = [v_0, c_1, ..., c_{m-1}, v_{(m-1)S+1}, ..., v_{l-1}]. The final aggregator closes no chunk: it reads
+    the raw outputs of the last chunk even when S divides 2L (summaries are folded when the next chunk's
+    first sublayer reads, and no sublayer comes after the last chunk).
+    """
+    written = l - 1  # v_1 .. v_{l-1} exist when consumer l reads
+    closed = (written - 1) // chunk if l == 2 * depth + 1 else written // chunk
+    summaries = [(n * chunk + 1, (n + 1) * chunk) for n in range(closed)]
+    return [(0, 0)] + summaries + [(i, i) for i in range(closed * chunk + 1, written + 1)]
+
+
 class DARRouter(nn.Module):
-    """mixers[l-1] holds the routing parameters of sublayer l = 1..2L; mixers[2L] is the final aggregator."""
+    """mixers[l - 2] holds the routing parameters of consumer l = 2..2L+1 (2L + 1: the final aggregator).
+
+    Sublayer 1 has none: it reads v_0 alone, so alpha = 1 and h_1 = v_0 whatever its query and gain are;
+    they would never receive a gradient.
+    """
 
     def __init__(self, depth, hidden_size, query, chunk, kernel="auto", logit_scale="inv-sqrt-d"):
         super().__init__()
@@ -255,8 +275,8 @@ class DARRouter(nn.Module):
         self.depth = depth
         self.query = query
         self.chunk = chunk
-        self.zero_timestep_embedding = query == "timestep"  # so that timestep == static at step 0
-        self.mixers = nn.ModuleList([SourceMixer(hidden_size, query) for _ in range(2 * depth + 1)])
+        self.zero_timestep_embedding = query == "timestep"  # e(t) = 0 at step 0: the same weights as static
+        self.mixers = nn.ModuleList([SourceMixer(hidden_size, query) for _ in range(2 * depth)])
 
     def reset_parameters(self):
         for mixer in self.mixers:
@@ -267,8 +287,9 @@ class DARRouter(nn.Module):
 
 
 class DARRoute(Route):
-    """Chunked aggregation (SPEC section 3). Sublayer l in chunk m reads
-    V_l = [v_0, c_1, ..., c_{m-1}, v_{(m-1)S+1}, ..., v_{l-1}]: only these 1 + M + S tensors stay referenced."""
+    """Chunked aggregation: each consumer reads the sources chunk_sources lists. Only what some later consumer
+    reads stays referenced: v_0, the summaries of finished chunks, and the raw outputs of the chunk being
+    filled (at most 1 + M + S tensors); a raw output is dropped once its chunk is summarized."""
 
     def __init__(self, router, v0, t_emb, trace, keep_hidden):
         super().__init__(router.depth, trace, keep_hidden)
@@ -277,18 +298,23 @@ class DARRoute(Route):
         self.kernel = router.kernel
         self.query_multiplier = router.query_multiplier
         self.t_emb = t_emb
-        self.finished = [v0]  # v_0, then the summaries c_n of finished chunks
-        self.current = []  # raw outputs of the chunk being filled
+        self.stored = {(0, 0): v0}  # (first, last) sublayer range -> v_0, a raw output or a chunk summary
 
     def aggregate(self, l, shift, scale, final=False):
-        if not final and len(self.current) == self.chunk:  # sublayer l+1 opens a new chunk
-            summary = self.current[0]
-            for v in self.current[1:]:
-                summary = summary + v  # c_n = sum of the v_i in chunk n
-            self.finished.append(summary)
-            self.current = []
-        sources = self.finished + self.current
-        mixer = self.mixers[l]
+        """h_{l+1} (h_final when final): the input of the consumer after the l sublayer outputs written so far."""
+        consumer = l + 1
+        ranges = chunk_sources(consumer, self.depth, self.chunk)
+        for first, last in ranges:
+            if (first, last) not in self.stored:  # chunk first..last has just finished
+                summary = self.stored.pop((first, first))
+                for i in range(first + 1, last + 1):
+                    summary = summary + self.stored.pop((i, i))  # c_n = sum of the v_i in chunk n
+                self.stored[(first, last)] = summary
+        sources = [self.stored[r] for r in ranges]
+        if consumer == 1:
+            self.record_alpha(torch.ones(*sources[0].shape[:-1], 1, dtype=sources[0].dtype, device=sources[0].device))
+            return sources[0]  # h_1 = v_0: one source, alpha = 1
+        mixer = self.mixers[consumer - 2]
         query = mixer.make_query(sources, shift, scale, self.t_emb)
         if self.query_multiplier is not None:
             query = query * self.query_multiplier
@@ -297,7 +323,7 @@ class DARRoute(Route):
         return h
 
     def add(self, v):
-        self.current.append(v)
+        self.stored[(self.written + 1, self.written + 1)] = v
 
 
 #################################################################################

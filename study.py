@@ -29,14 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from PIL import Image
 
-import diagnose
-import fid
-import sample
-from train import format_duration, latest_checkpoint, load_checkpoint
+from checkpoint import latest_checkpoint, load_checkpoint, read_log, validation_curve
+from data import format_duration
 
+HERE = Path(__file__).resolve().parent  # the scripts run from here
 MODEL = "SiT-T/4"
 TRAINING = ["--model", MODEL, "--global-batch-size", "32", "--log-every", "50"]
 SAMPLING = ["--sampler", "heun", "--steps", "25", "--batch-size", "100", "--device", "cpu"]
@@ -93,11 +90,6 @@ def best_query(results):
         return None
     finals = {q: final_eval(results, f"dar-{q}-c4-s0") for q in QUERIES}
     return min(QUERIES, key=lambda q: finals[q]["val_loss_ema"])
-
-
-def read_log(run_dir):
-    path = Path(run_dir) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 #################################################################################
@@ -165,7 +157,7 @@ def run_jobs(results, lanes=2):
                 log = open(results / f"{job.name}.log", "a")
                 environment = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
                 process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                           cwd=Path(__file__).parent)
+                                           cwd=HERE)
                 running[job.name] = (process, time.time(), log)
                 print(f"started {job.name} ({len([j for j in jobs.values() if j.done])}/{len(jobs)} jobs done, "
                       f"{format_duration(time.time() - started_at)} so far)", flush=True)
@@ -178,18 +170,15 @@ def run_jobs(results, lanes=2):
 
 
 def score(run_dir):
-    """FID (and precision / recall) of the run's EMA model: --fid-samples samples against --fid-reference
-    training images, written to <run>/fid.json."""
-    torch.set_num_threads(1)
+    """FID (and precision / recall) of the run's EMA model: --fid-samples samples (sample.py) against
+    --fid-reference training images (fid.py), written to <run>/fid.json."""
     run_dir = Path(run_dir)
     npz = run_dir / "samples" / f"fid-n{SETTINGS.fid_samples}.npz"
     if not npz.exists():
-        sample.main(["--ckpt", str(latest_checkpoint(run_dir)), *SAMPLING, "--num-samples",
-                     str(SETTINGS.fid_samples), "--out", str(npz)])
-    result = fid.main([str(npz), "--ref-samples", str(SETTINGS.fid_reference), "--device", "cpu"])
-    temporary = run_dir / "fid.json.tmp"
-    temporary.write_text(json.dumps(result, indent=1))
-    os.replace(temporary, run_dir / "fid.json")
+        subprocess.run([sys.executable, "sample.py", "--ckpt", str(latest_checkpoint(run_dir)), *SAMPLING,
+                        "--num-samples", str(SETTINGS.fid_samples), "--out", str(npz)], check=True, cwd=HERE)
+    subprocess.run([sys.executable, "fid.py", str(npz), "--ref-samples", str(SETTINGS.fid_reference), "--device",
+                    "cpu", "--json", str(run_dir / "fid.json")], check=True, cwd=HERE)
 
 
 #################################################################################
@@ -210,10 +199,6 @@ def groups(results):
         if finished(results, run.name):
             grouped.setdefault(run.label, []).append(run.name)
     return grouped
-
-
-def eval_curve(results, run_name, key="val_loss_ema"):
-    return [(r["step"], r[key]) for r in read_log(results / run_name) if key in r]
 
 
 def steps_to_reach(curve, target):
@@ -242,10 +227,10 @@ def quality_tables(results, grouped):
         lines.append(f"| {label} | {len(runs)} | {mean_spread([f['val_loss_ema'] for f in finals])} | "
                      f"{mean_spread([f['val_loss'] for f in finals])} | {cell('fid', 1)} | {cell('precision', 3)} | "
                      f"{cell('recall', 3)} |")
-    steps = [s for s, _ in eval_curve(results, grouped["residual"][0])]
+    steps = [s for s, _ in validation_curve(results / grouped["residual"][0])]
     curve_lines = ["| router | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for label, runs in grouped.items():
-        curves = [dict(eval_curve(results, r)) for r in runs]
+        curves = [dict(validation_curve(results / r)) for r in runs]
         curve_lines.append(f"| {label} | " + " | ".join(f"{statistics.mean(c[s] for c in curves):.4f}"
                                                        for s in steps) + " |")
     target = statistics.mean(final_eval(results, r)["val_loss_ema"] for r in grouped["residual"])
@@ -255,7 +240,7 @@ def quality_tables(results, grouped):
     for label, runs in grouped.items():
         if label == "residual":
             continue
-        curves = [dict(eval_curve(results, r)) for r in runs]
+        curves = [dict(validation_curve(results / r)) for r in runs]
         mean_curve = [(s, statistics.mean(c[s] for c in curves)) for s in steps]
         reached = steps_to_reach(mean_curve, target)
         match_lines.append(f"| {label} | {f'{reached:.0f}' if reached else 'not reached'} | "
@@ -289,34 +274,6 @@ def routing_table(results):
     return lines
 
 
-def draw_curves(results, grouped, path):
-    """Left: EMA validation loss against step. Right: its difference from the mean of the residual seeds,
-    in percent, where the residual seeds' own spread shows the noise. One colour per router, a line per seed."""
-    curves = {label: [eval_curve(results, r) for r in runs] for label, runs in grouped.items()}
-    residual = {s: statistics.mean(dict(c)[s] for c in curves["residual"]) for s, _ in curves["residual"][0]}
-    relative = {label: [[(s, 100 * (v / residual[s] - 1)) for s, v in curve if s in residual] for curve in per_label]
-                for label, per_label in curves.items()}
-    image = Image.new("RGB", (1400, 560 + diagnose.LEGEND_ROW * math.ceil(len(curves) / 4)), "white")
-    colours = {label: diagnose.PALETTE[k % len(diagnose.PALETTE)] for k, label in enumerate(curves)}
-    panels = ((curves, "EMA validation loss", "validation loss (EMA)"),
-              (relative, "difference from residual (mean of its seeds)", "difference in validation loss, %"))
-    for p, (series, title, y_label) in enumerate(panels):
-        values = [v for per_label in series.values() for curve in per_label for _, v in curve]
-        steps = [s for per_label in series.values() for curve in per_label for s, _ in curve]
-        y_range, y_ticks = diagnose.nice_ticks(min(values), max(values))
-        x_range, x_ticks = diagnose.nice_ticks(0, max(steps))
-        axes = diagnose.Axes(image, (p * 700 + 100, 60, p * 700 + 680, 480), x_range, y_range)
-        axes.frame(x_ticks, y_ticks, "training step (batch 32)", y_label, title)
-        for label, per_label in series.items():
-            for curve in per_label:
-                axes.line([s for s, _ in curve], [v for _, v in curve], colours[label])
-    diagnose.centered_text(diagnose.ImageDraw.Draw(image), (700, 16), f"{MODEL} on Fashion-MNIST, fixed validation "
-                           f"batch (fixed t grid and noise)", diagnose.font(18))
-    diagnose.legend(image, 540, [(colours[label], f"{label} ({len(per_label)} seed{'s' * (len(per_label) > 1)})")
-                                 for label, per_label in curves.items()], 4)
-    image.save(path)
-
-
 def report(results, out_dir):
     grouped = groups(results)
     if "residual" not in grouped:
@@ -324,7 +281,10 @@ def report(results, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     quality, curve, match = quality_tables(results, grouped)
     routing = routing_table(results)
-    draw_curves(results, grouped, out_dir / "val_loss.png")
+    subprocess.run([sys.executable, "diagnose.py", "--out-dir", str(out_dir), "--curves-title",
+                    f"{MODEL} on Fashion-MNIST, fixed validation batch (fixed t grid and noise)", "--curves",
+                    *[f"{label}={results / run}" for label, runs in grouped.items() for run in runs]],
+                   check=True, cwd=HERE)
     (out_dir / "samples").mkdir(exist_ok=True)
     for runs in grouped.values():
         shutil.copy(results / runs[0] / "samples.png", out_dir / "samples" / f"{runs[0]}.png")

@@ -12,7 +12,7 @@ from PIL import Image
 import diagnose
 from model import SiT, create_model
 from router import Trace
-from train import flow_matching_loss
+from flow import flow_matching_loss
 from test_router import perturb
 
 DEPTH = 3  # 2L = 6 sublayers, 7 consumers with the final layer

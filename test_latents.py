@@ -24,6 +24,8 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
 import data  # noqa: E402
+from checkpoint import latest_checkpoint, load_checkpoint, load_model  # noqa: E402
+import flow  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -248,7 +250,7 @@ def latent_run(latents_dir, tmp_path_factory):
 
 
 def test_training_on_latents(latent_run, latents_dir, vae_dir):
-    checkpoint = train.load_checkpoint(train.latest_checkpoint(latent_run))
+    checkpoint = load_checkpoint(latest_checkpoint(latent_run))
     assert checkpoint["data"] == dict(checkpoint["data"], name="latents", path=str(latents_dir), channels=4,
                                       num_classes=2, image_size=4, vae=str(vae_dir.resolve()), scale=0.18215)
     assert checkpoint["model_config"]["in_channels"] == 4 and checkpoint["model_config"]["input_size"] == 4
@@ -274,9 +276,9 @@ def test_sampling_decodes_with_the_vae(latent_run, vae_dir, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (3, 32, 32, 3) and labels.shape == (3,)
     assert (out.with_suffix(".png")).is_file()
 
-    model = train.load_model(train.latest_checkpoint(latent_run))[0]
+    model = load_model(latest_checkpoint(latent_run))[0]
     vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False)  # CPU convolutions differ a little with grads
-    expected, expected_labels = sample.sample_batch(model, range(3), 0, "euler", 2,
+    expected, expected_labels = flow.sample_batch(model, range(3), 0, "euler", 2,
                                                     decode=lambda z: vae.decode(z / 0.18215).sample)
     assert np.array_equal(images, expected.permute(0, 2, 3, 1).numpy()) and labels.tolist() == expected_labels.tolist()
 

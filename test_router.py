@@ -78,8 +78,10 @@ def naive_dar_input(model, S, logit_divisor=math.sqrt(WIDTH)):
     mixers = model.router.mixers
 
     def make_input(l, outs, shift, scale, t_emb):
-        mixer = mixers[l - 1]
         sources = spec_sources(l, outs, S, 2 * model.depth)
+        if l == 1:
+            return sources[0]  # a softmax over one source is 1: the router keeps no parameters for it
+        mixer = mixers[l - 2]
         stacked = torch.stack(sources)  # [N, B, T, d]
         keys = mixer.gain * stacked / torch.sqrt(stacked.pow(2).mean(-1, keepdim=True) + 1e-6)
         if model.router.query == "static":
@@ -144,11 +146,23 @@ def test_chunked_route_keeps_only_live_sources():
     most = 0
     for _ in range(2 * L):
         route.read(None, None)
-        most = max(most, len(route.finished) + len(route.current))
+        most = max(most, len(route.stored))
         route.write(torch.randn(1, 3, d))
     route.read_final(None, None)
     M = math.ceil(2 * L / S)
-    assert most <= 1 + M + S and len(route.finished) + len(route.current) == 1 + (M - 1) + S
+    assert most <= 1 + M + S and len(route.stored) == 1 + (M - 1) + S
+
+
+@pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
+def test_every_router_parameter_learns(query):
+    """No routing parameter that can never receive a gradient: sublayer 1 reads v_0 alone (alpha = 1), so the
+    router has mixers for consumers 2..2L+1 only, and each of them gets a non-zero gradient."""
+    model = perturb(tiny("dar", query, chunk=2))
+    assert len(model.router.mixers) == 2 * DEPTH
+    x, t, y = batch()
+    model(x, t, y).pow(2).mean().backward()
+    for name, p in model.router.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
 
 
 def test_dar_mix_stores_no_normalized_copies():
@@ -192,12 +206,34 @@ def test_alpha_uniform_at_init_sums_to_one_and_moves_after_a_step(query):
         torch.testing.assert_close(alpha.sum(-1), torch.ones(alpha.shape[:-1]))
 
 
-def test_timestep_query_is_static_at_init_and_depends_on_t_after_training():
+def test_timestep_query_routes_as_static_at_init_and_depends_on_t_after_training():
+    """At step 0 e(t) = 0 (the timestep embedder's last Linear starts at zero), so q_l = w_l + e(t) = w_l: the
+    same routing weights and hidden states as the static query with the same weights, checked with every
+    other weight random (non-zero adaLN gates and queries), where a non-zero e(t) would show."""
     timestep = tiny("dar", "timestep", chunk=2)
+    assert timestep.t_embedder.mlp[2].weight.abs().max() == 0 and timestep.t_embedder.mlp[2].bias.abs().max() == 0
+    perturb(timestep)
+    with torch.no_grad():
+        timestep.t_embedder.mlp[2].weight.zero_()
+        timestep.t_embedder.mlp[2].bias.zero_()
     static = tiny("dar", "static", chunk=2)
     static.load_state_dict(timestep.state_dict())
     x, t, y = batch()
-    torch.testing.assert_close(timestep(x, t, y), static(x, t, y), rtol=0, atol=0)
+
+    def routing(model):
+        trace = Trace(per_token=True)
+        out = model(x, t, y, trace=trace)
+        return out, trace
+    (out_t, trace_t), (out_s, trace_s) = routing(timestep), routing(static)
+    assert out_s.abs().max() > 1e-3  # a live model: the comparison below is not between zeros
+    torch.testing.assert_close(out_t, out_s, rtol=0, atol=0)
+    for a, b in zip(trace_t.alpha + trace_t.hidden, trace_s.alpha + trace_s.hidden):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # the check can fail: a non-zero e(t) moves the timestep query's weights
+        timestep.t_embedder.mlp[2].bias.add_(0.5)
+        static.t_embedder.mlp[2].bias.add_(0.5)
+    moved, kept = routing(timestep)[1], routing(static)[1]
+    assert max((a - b).abs().max().item() for a, b in zip(moved.alpha[1:], kept.alpha[1:])) > 1e-3
 
     opt = torch.optim.AdamW(timestep.parameters(), lr=1e-2)
     for _ in range(3):

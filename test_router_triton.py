@@ -170,7 +170,7 @@ def test_training_step_matches_torch_kernel(chunk, query, monkeypatch):
     loss_ref, loss = flow_matching_loss(reference), flow_matching_loss(fused)
     loss_ref.backward()
     loss.backward()
-    assert len(calls) == 2 * 3 + 1  # every sublayer and the final aggregator went through the kernel
+    assert len(calls) == 2 * 3  # sublayers 2..2L and the final aggregator went through the kernel (sublayer 1 reads v_0)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
     reference_grads = dict(reference.named_parameters())
     for name, parameter in fused.named_parameters():

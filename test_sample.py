@@ -19,7 +19,8 @@ from PIL import Image
 
 import sample
 from model import SiT, create_model
-from sample import euler_maruyama_sample, euler_sample, guided_velocity, heun_sample, sample_batch
+from checkpoint import load_model
+from flow import euler_maruyama_sample, euler_sample, guided_velocity, heun_sample, sample_batch
 
 REPO = Path(__file__).resolve().parent
 
@@ -160,7 +161,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(checkpoint):
-    return sample.load_model(checkpoint)[0]
+    return load_model(checkpoint)[0]
 
 
 def test_same_seed_same_samples_in_any_batch(tiny_model):
@@ -189,7 +190,7 @@ def test_bare_sample_py_uses_newest_checkpoint(tmp_path, monkeypatch, capsys):
         images, labels = f["arr_0"], f["arr_1"]
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8 and labels.shape == (5,)
     assert np.array_equal(images[..., 0], images[..., 2])  # a gray model repeats its channel
-    model = sample.load_model(new)[0]
+    model = load_model(new)[0]
     expected, expected_labels = sample_batch(model, range(5), seed=0, sampler="heun", steps=2)
     assert np.array_equal(images[..., 0], expected[:, 0].numpy()) and np.array_equal(labels, expected_labels)
     with Image.open(out.with_suffix(".png")) as grid:

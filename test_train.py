@@ -24,6 +24,7 @@ from PIL import Image
 
 import data
 import train
+from checkpoint import CHECKPOINT_KEYS, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from model import create_model
 
 REPO = Path(__file__).resolve().parent
@@ -229,11 +230,12 @@ def test_defaults_and_run_name():
 
 
 SAVE_THEN_DIE_MID_WRITE = """
-import io, os, signal, sys, torch, train
-checkpoint = {key: 0 for key in train.CHECKPOINT_KEYS}
-checkpoint["model"] = {"w": torch.arange(4.0)}
-checkpoint["step"] = 1
-train.save_checkpoint(checkpoint, sys.argv[1], keep=2)
+import io, os, signal, sys, torch
+from checkpoint import CHECKPOINT_KEYS, save_checkpoint
+state = {key: 0 for key in CHECKPOINT_KEYS}
+state["model"] = {"w": torch.arange(4.0)}
+state["step"] = 1
+save_checkpoint(state, sys.argv[1], keep=2)
 real_save = torch.save
 def half_write_then_die(obj, f):
     buffer = io.BytesIO()
@@ -242,30 +244,30 @@ def half_write_then_die(obj, f):
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = half_write_then_die
-checkpoint["step"] = 2
-train.save_checkpoint(checkpoint, sys.argv[1], keep=2)
+state["step"] = 2
+save_checkpoint(state, sys.argv[1], keep=2)
 """
 
 
 def test_checkpoint_killed_mid_write_leaves_previous_one(tmp_path):
     result = run_train(tmp_path / "checkpoints", wrapper=SAVE_THEN_DIE_MID_WRITE, check=False)
     assert result.returncode == -signal.SIGKILL
-    assert train.latest_checkpoint(tmp_path) == str(checkpoint_path(tmp_path, 1))
-    assert torch.equal(train.load_checkpoint(checkpoint_path(tmp_path, 1))["model"]["w"], torch.arange(4.0))
+    assert latest_checkpoint(tmp_path) == str(checkpoint_path(tmp_path, 1))
+    assert torch.equal(load_checkpoint(checkpoint_path(tmp_path, 1))["model"]["w"], torch.arange(4.0))
     partial = tmp_path / "checkpoints" / ".0000002.pt.tmp"
     assert partial.exists()  # what the killed process was writing
     os.replace(partial, checkpoint_path(tmp_path, 2))
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        train.load_checkpoint(checkpoint_path(tmp_path, 2))
+        load_checkpoint(checkpoint_path(tmp_path, 2))
 
 
 def test_keep_last_checkpoints(tmp_path):
     for step in range(1, 6):
-        checkpoint = {key: 0 for key in train.CHECKPOINT_KEYS} | {"step": step}
-        train.save_checkpoint(checkpoint, tmp_path / "checkpoints", keep=2)
+        checkpoint = {key: 0 for key in CHECKPOINT_KEYS} | {"step": step}
+        save_checkpoint(checkpoint, tmp_path / "checkpoints", keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt"]
-    assert train.latest_checkpoint(tmp_path) == str(checkpoint_path(tmp_path, 5))
-    assert train.latest_checkpoint(tmp_path / "nothing") is None
+    assert latest_checkpoint(tmp_path) == str(checkpoint_path(tmp_path, 5))
+    assert latest_checkpoint(tmp_path / "nothing") is None
 
 
 KILL_AFTER_CHECKPOINT = """
@@ -298,7 +300,7 @@ def test_exact_resume_after_kill(finished_run):
                        env={"KILL_AFTER_STEP": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_dir = results / "killed"
-    assert train.latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 3))
+    assert latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 3))
     assert "resuming from" in run_train(*args, "--run-name", "killed", "--resume", "auto").stdout
 
     timing = ("images_per_s", "peak_mem_mb", "time_s")
@@ -306,8 +308,8 @@ def test_exact_resume_after_kill(finished_run):
     log, reference_log = read_log(run_dir), read_log(finished_run["run_dir"])
     assert without_timing(log) == without_timing(reference_log)  # every loss, t-bin, grad norm, val loss
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    ours = train.load_checkpoint(checkpoint_path(run_dir, 6))
-    reference = train.load_checkpoint(checkpoint_path(finished_run["run_dir"], 6))
+    ours = load_checkpoint(checkpoint_path(run_dir, 6))
+    reference = load_checkpoint(checkpoint_path(finished_run["run_dir"], 6))
     for key in ("model", "ema"):
         for name, tensor in reference[key].items():
             assert torch.equal(ours[key][name], tensor), (key, name)
@@ -335,16 +337,16 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
     garbage.write_bytes(os.urandom(1000))
     for path in (truncated, garbage):
         with pytest.raises(ValueError, match="truncated or corrupt"):
-            train.load_model(path)
+            load_model(path)
     base = [str(a) for a in finished_run["args"]] + ["--run-name", "corrupt"]
     with pytest.raises(ValueError, match="truncated or corrupt"):
         train.main(base + ["--resume", str(truncated)])
     with pytest.raises(FileNotFoundError):
-        train.load_model(tmp_path / "missing.pt")
+        load_model(tmp_path / "missing.pt")
 
 
 def test_load_model_and_fresh_run_guard(finished_run):
-    model, checkpoint = train.load_model(checkpoint_path(finished_run["run_dir"], 6))
+    model, checkpoint = load_model(checkpoint_path(finished_run["run_dir"], 6))
     assert not model.training and checkpoint["step"] == 6 and checkpoint["data"]["name"] == "fashion-mnist"
     assert checkpoint["model_config"]["name"] == "SiT-T/8" and checkpoint["args"]["router"] == "dar"
     for name, tensor in checkpoint["ema"].items():
@@ -361,7 +363,7 @@ def test_load_model_and_fresh_run_guard(finished_run):
 def test_init_from_sit_weights_into_dar(tiny_fashion, tmp_path, capsys):
     base = [*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--eval-every", "100"]
     train.main(base + ["--router", "residual", "--max-steps", "2", "--ckpt-every", "2"])
-    source = train.load_checkpoint(checkpoint_path(tmp_path / "SiT-T-8-residual", 2))
+    source = load_checkpoint(checkpoint_path(tmp_path / "SiT-T-8-residual", 2))
     raw = tmp_path / "SiT-T-8.pt"  # a bare state dict, as SiT's released checkpoints are
     torch.save(source["ema"], raw)
     config = dict(source["model_config"], router="dar", chunk=2)
@@ -374,7 +376,7 @@ def test_init_from_sit_weights_into_dar(tiny_fashion, tmp_path, capsys):
         train.main(base + ["--router", "dar", "--chunk", "2", "--init-from", str(path), "--lr", "0",
                            "--max-steps", "1", "--ckpt-every", "1", "--run-name", run])
         assert f"initialized from {path}" in capsys.readouterr().out
-        started = train.load_checkpoint(checkpoint_path(tmp_path / run, 1))
+        started = load_checkpoint(checkpoint_path(tmp_path / run, 1))
         assert started["step"] == 1 and started["model_config"]["router"] == "dar"
         for key in ("model", "ema"):
             for name, tensor in started[key].items():
@@ -386,7 +388,7 @@ def test_init_from_sit_weights_into_dar(tiny_fashion, tmp_path, capsys):
 
     # Uniform routing weights give the running sum over the source count, which every reader's LayerNorm
     # undoes: a static DAR started from residual weights computes what they compute, up to LayerNorm's eps.
-    residual = train.load_model(checkpoint_path(tmp_path / "SiT-T-8-residual", 2))[0].double()
+    residual = load_model(checkpoint_path(tmp_path / "SiT-T-8-residual", 2))[0].double()
     with torch.no_grad():  # away from adaLN-Zero's zeros, which would hide any difference
         for parameter in residual.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -438,8 +440,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_fashion, tmp_path, m
     with pytest.raises(SystemExit, match="step 4: the loss is nan.*0000002.pt, is untouched"):
         train.main(args)
     run_dir = tmp_path / "nan"
-    assert train.latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 2))
-    model, _ = train.load_model(checkpoint_path(run_dir, 2), ema=False)
+    assert latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 2))
+    model, _ = load_model(checkpoint_path(run_dir, 2), ema=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3]
 
@@ -474,8 +476,8 @@ def test_two_process_ddp_equals_one_process(tiny_fashion, tmp_path):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
-    reference = train.load_checkpoint(checkpoint_path(tmp_path / "one", 3))["model"]
-    for name, tensor in train.load_checkpoint(checkpoint_path(tmp_path / "two", 3))["model"].items():
+    reference = load_checkpoint(checkpoint_path(tmp_path / "one", 3))["model"]
+    for name, tensor in load_checkpoint(checkpoint_path(tmp_path / "two", 3))["model"].items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
 
 
@@ -502,7 +504,7 @@ def test_repa_with_small_frozen_encoder_reduces_its_loss(tiny_fashion, tmp_path,
                 "--max-steps", "30", "--log-every", "5", "--ckpt-every", "30", "--eval-every", "30"])
     repa = [r["repa_loss"] for r in read_log(tmp_path / "repa") if "repa_loss" in r]
     assert len(repa) == 6 and repa[-1] < repa[0] - 0.1
-    checkpoint = train.load_checkpoint(checkpoint_path(tmp_path / "repa", 30))
+    checkpoint = load_checkpoint(checkpoint_path(tmp_path / "repa", 30))
     assert "repa_projector" in checkpoint and checkpoint["args"]["repa_depth"] == 2
 
 

@@ -26,22 +26,14 @@ DistributedSampler, t and noise for the whole global batch from (seed, step), la
 (seed, step, rank). So a resumed run repeats the uninterrupted one exactly, and N processes under
 torchrun see the same global batches as one process.
 
-Run layout: results/<run-name>/log.jsonl (one JSON record per log or eval line) and
+Run layout (checkpoint.py): results/<run-name>/log.jsonl (one JSON record per log or eval line) and
 results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept.
-A checkpoint is a dict: model, ema, opt, step, args, model_config (the create_model kwargs and "name"),
-data (name, path, channels, num_classes, image_size; for latents also vae and scale, image_size being the
-latent side), rng (generator states at save time, for inspection: resuming re-derives every draw from the
-step) and, with REPA, repa_projector.
-
-Importable without side effects: load_model, latest_checkpoint (the datasets are in data.py).
 """
 import argparse
 import copy
-import datetime
 import json
 import math
 import os
-import re
 import resource
 import socket
 import sys
@@ -57,7 +49,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from data import LatentSet, extract_latents, format_duration, load_data, to_model_space
+from checkpoint import latest_checkpoint, load_checkpoint, load_torch_file, run_distributed, save_checkpoint
+from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, save_grid, to_model_space
+from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, flow_matching_loss, sample_batch
 from model import SiT_models, create_model, load_backbone
 from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
 
@@ -122,17 +116,6 @@ class ShardedBatches:
 #################################################################################
 
 T_BINS = 4  # losses are also reported per t-bin [0, 1/4), ..., [3/4, 1]
-
-
-def flow_matching_loss(model, x, y, t, noise, return_hidden=None):
-    """Per-sample velocity MSE of the SiT linear interpolant (SPEC section 5) and, if asked, the hidden
-    state block `return_hidden` hands on (for REPA)."""
-    t_ = t.view(-1, *([1] * (x.dim() - 1)))
-    x_t = t_ * x + (1 - t_) * noise  # x_t = t x + (1 - t) noise
-    u = x - noise  # the target velocity dx_t/dt
-    out = model(x_t, t, y, return_hidden=return_hidden)
-    velocity, hidden = out if return_hidden is not None else (out, None)
-    return (velocity.float() - u.float()).pow(2).mean(dim=tuple(range(1, x.dim()))), hidden
 
 
 def t_bin_sums(per_sample, t):
@@ -249,72 +232,8 @@ def default_repa_depth(depth):
 
 
 #################################################################################
-#                                   Checkpoints                                  #
+#                           Starting from other weights                          #
 #################################################################################
-
-CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "args", "model_config", "data", "rng")
-CHECKPOINT_NAME = re.compile(r"^(\d{7})\.pt$")
-
-
-def save_checkpoint(checkpoint, checkpoint_dir, keep):
-    """Write checkpoint_dir/<step:07d>.pt atomically (temp file, fsync, rename); keep the newest `keep`
-    (0 keeps all). A kill at any moment leaves every earlier checkpoint intact."""
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_dir / f"{checkpoint['step']:07d}.pt"
-    temporary = checkpoint_dir / f".{path.name}.tmp"
-    with open(temporary, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    for stale in checkpoint_dir.glob(".*.tmp"):  # left by a process killed while writing
-        stale.unlink()
-    if keep:
-        for old in sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_NAME.match(p.name))[:-keep]:
-            old.unlink()
-    return path
-
-
-def latest_checkpoint(run_dir):
-    """The path of the highest-step checkpoint in run_dir/checkpoints, or None."""
-    checkpoint_dir = Path(run_dir) / "checkpoints"
-    if not checkpoint_dir.is_dir():
-        return None
-    found = sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_NAME.match(p.name))
-    return str(found[-1]) if found else None
-
-
-def load_torch_file(path, device, what, hint=""):
-    """torch.load(path) (tensors and plain containers only); a missing, truncated or corrupt file is a clear
-    error that calls the file `what` (and ends with `hint`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch.load fails with RuntimeError, EOFError, UnpicklingError, zip errors...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{what} {path} is truncated or corrupt ({type(err).__name__}: {first_line}){hint}") from None
-
-
-def load_checkpoint(path, device="cpu"):
-    """torch.load a train.py checkpoint; a missing, truncated or corrupt file is a clear error."""
-    checkpoint = load_torch_file(path, device, "checkpoint", "; use an earlier checkpoint from its folder")
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
-    if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
-    return checkpoint
-
-
-def load_model(path, ema=True, device="cpu"):
-    """(the SiT of a checkpoint with its EMA (or raw) weights, in eval mode, the checkpoint dict)."""
-    checkpoint = load_checkpoint(path, device)
-    config = dict(checkpoint["model_config"])
-    model = create_model(config.pop("name"), **config)
-    model.load_state_dict(checkpoint["ema" if ema else "model"])
-    return model.to(device).eval(), checkpoint
-
 
 def init_from(model, path):
     """Load the SiT weights of `path` (--init-from) into `model` through model.load_backbone, and say what
@@ -453,32 +372,6 @@ def parse_args(argv=None):
     return args
 
 
-def run_distributed(work, args, device):
-    """work(args, rank, world size, device): in this process, or under torchrun in a process group (NCCL on
-    CUDA, gloo on CPU; each process on the GPU of its LOCAL_RANK) that is destroyed when work ends. The
-    timeout is long because rank 0 alone first reads (or downloads) the data while the others wait."""
-    device = torch.device(device)
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    try:
-        if dist.is_initialized():
-            return work(args, dist.get_rank(), dist.get_world_size(), device)
-        return work(args, 0, 1, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def peak_memory_mb(device):
-    """Peak allocated GPU memory, or peak resident memory of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(argv=None):
     args = parse_args(argv)
     run_distributed(extract_latents if args.extract_latents else train, args,
@@ -486,6 +379,7 @@ def main(argv=None):
 
 
 def train(args, rank, world_size, device):
+    """Build, resume, loop: the order of DiT's train.py."""
     if args.global_batch_size % world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
     is_main = rank == 0
@@ -493,23 +387,20 @@ def train(args, rank, world_size, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(args.results_dir) / args.run_name
-    checkpoint_dir = run_dir / "checkpoints"
-    log_path = run_dir / "log.jsonl"
 
+    # Build: data, model, EMA, REPA, optimizer.
     if world_size > 1 and not is_main:
         dist.barrier()  # rank 0 loads (and possibly downloads) the data first
-    train_images, train_labels, val_images, val_labels, data_info, note = load_data(args)
+    train_images, train_labels, val_images, val_labels, data_info, data_note = load_data(args)
     if world_size > 1 and is_main:
         dist.barrier()
-
     model_config = dict(name=args.model, input_size=data_info["image_size"], in_channels=data_info["channels"],
                         num_classes=data_info["num_classes"], router=args.router, query=args.query,
                         chunk=args.chunk, kernel=args.kernel, logit_scale=args.logit_scale, learn_sigma=False,
                         class_dropout_prob=args.label_dropout)
     torch.manual_seed(args.seed)
     model = create_model(**model_config).to(device)
-    if args.init_from:
-        init_note = init_from(model, args.init_from)
+    init_note = init_from(model, args.init_from) if args.init_from else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA starts as a copy of the initial weights
     repa_encoder = projector = None
     if args.repa_encoder != "none":
@@ -522,9 +413,13 @@ def train(args, rank, world_size, device):
     objective = Objective(model, projector, args.repa_depth)
     parameters = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.999), weight_decay=0)
+    decode = None
+    if is_main and args.sample_grid and data_info["name"] == "latents":
+        decode = latent_decoder(data_info, device=device)  # now: a missing VAE fails before training
 
-    start_step = 0
+    # Resume: the newest checkpoint of the run (--resume auto) or the one named.
     resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
+    start_step = 0
     if resume_path:
         checkpoint = load_checkpoint(resume_path, device)
         check_resume_compatible(checkpoint, resume_path, model_config, data_info, projector is not None)
@@ -534,31 +429,34 @@ def train(args, rank, world_size, device):
         if projector is not None:
             projector.load_state_dict(checkpoint["repa_projector"])
         start_step = checkpoint["step"]
-        changed = {k: (v, vars(args)[k]) for k, v in checkpoint["args"].items()
-                   if k != "resume" and k in vars(args) and vars(args)[k] != v}
     elif latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume auto "
                          f"{'instead of --init-from ' if args.init_from else ''}to continue that run, "
                          f"or choose another --run-name / --results-dir")
-
+    log = RunLog(run_dir / "log.jsonl", enabled=is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(note)
+        log.keep_until(start_step)  # a resumed run rewrites what came after its checkpoint; a new one, all
+        print(data_note)
         print(f"{args.model} router={args.router} query={args.query} chunk={args.chunk}: "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es) "
               f"on {device.type}, global batch {args.global_batch_size}, lr {args.lr:g}, EMA {args.ema_decay:g}, "
               f"run directory {run_dir}")
-        if args.init_from:
+        if init_note:
             print(init_note)
         if resume_path:
+            changed = {k: (v, vars(args)[k]) for k, v in checkpoint["args"].items()
+                       if k != "resume" and k in vars(args) and vars(args)[k] != v}
             print(f"resuming from {resume_path} at step {start_step}"
                   + (f"; flags changed since: {changed}" if changed else ""))
-            keep_log_until(log_path, start_step)
         elif args.resume == "auto":
-            print(f"--resume auto: no checkpoint in {checkpoint_dir} yet, starting from scratch")
-        elif log_path.exists():
-            log_path.unlink()
+            print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch")
+    if start_step >= args.max_steps:
+        if is_main:
+            print(f"the run is already at step {start_step} (--max-steps {args.max_steps}): nothing to do")
+        return
 
+    # Loop.
     trained = torch.compile(objective) if args.compile else objective
     if world_size > 1:
         trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
@@ -566,33 +464,9 @@ def train(args, rank, world_size, device):
                              pixels=repa_encoder is not None)
     val_batch = validation_batch(val_images, val_labels, args.eval_batch_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-
-    def make_checkpoint(step):
-        checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=step,
-                          args=vars(args), model_config=model_config, data=data_info,
-                          rng=dict(seed=args.seed, torch=torch.get_rng_state(),
-                                   cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
-        if projector is not None:
-            checkpoint["repa_projector"] = projector.state_dict()
-        return checkpoint
-
-    def log(record, line):
-        print(line, flush=True)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    if start_step >= args.max_steps:
-        if is_main:
-            print(f"the run is already at step {start_step} (--max-steps {args.max_steps}): nothing to do")
-        return
-    decode = None
-    if is_main and args.sample_grid and data_info["name"] == "latents":
-        import sample  # sample.py imports this file: import it only when it is needed
-        decode = sample.latent_decoder(data_info, device=device)  # now: a missing VAE fails before training
-    model.train()
-    interval = dict(stats=torch.zeros(3 + 2 * T_BINS, dtype=torch.float64, device=device), steps=0,
-                    start=time.time())
+    stats = IntervalStats(device, repa=projector is not None)
     run_start, last_saved = time.time(), None
+    model.train()
     for step in range(start_step, args.max_steps):
         x, y, t, noise, pixels = batches.get(step, device)
         torch.manual_seed(step_seed(args.seed, step, 1 + rank))  # the model's label dropout draws from it
@@ -603,54 +477,41 @@ def train(args, rank, world_size, device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.grad_clip or math.inf)
-
-        # [flow loss sum, REPA loss / W, grad norm / W, loss sum per t-bin, count per t-bin], summed over ranks
-        bin_sums, bin_counts = t_bin_sums(per_sample, t)
-        repa_share = repa.detach().double() / world_size if repa is not None else torch.zeros((), device=device)
-        step_stats = torch.cat([torch.stack([per_sample.detach().double().sum(), repa_share.double(),
-                                             grad_norm.double() / world_size]), bin_sums, bin_counts])
-        if world_size > 1:
-            dist.all_reduce(step_stats)
-        step_loss = step_stats[0] / args.global_batch_size + args.repa_coeff * step_stats[1]
-        if not (torch.isfinite(step_loss) and torch.isfinite(step_stats[2])):
-            saved = latest_checkpoint(run_dir)
-            raise SystemExit(f"step {step + 1}: the loss is {step_loss.item()} (gradient norm "
-                             f"{step_stats[2].item()}); stopped before updating the weights. The last good "
-                             f"checkpoint, {saved or 'none yet'}, is untouched: resume from it with a lower --lr, "
-                             f"--grad-clip 1.0 or --precision fp32")
         optimizer.step()
         update_ema(ema, model, args.ema_decay)
-        interval["stats"] += step_stats
-        interval["steps"] += 1
+        stats.add(per_sample, t, grad_norm, repa)
         done = step + 1
 
-        if is_main and (done % args.log_every == 0 or done == args.max_steps):
-            stats, steps = interval["stats"], interval["steps"]
-            elapsed = time.time() - interval["start"]
-            bins = (stats[3:3 + T_BINS] / stats[3 + T_BINS:].clamp(min=1)).tolist()
-            record = dict(step=done, loss=stats[0].item() / (steps * args.global_batch_size), loss_t_bins=bins,
-                          grad_norm=stats[2].item() / steps, images_per_s=steps * args.global_batch_size / elapsed,
-                          peak_mem_mb=peak_memory_mb(device), lr=args.lr, time_s=time.time() - run_start)
-            if repa is not None:
-                record["repa_loss"] = stats[1].item() / steps
-            eta = (args.max_steps - done) * elapsed / steps
-            log(record, f"step {done}/{args.max_steps} | loss {record['loss']:.4f} | t-bins "
-                        + " ".join(f"{b:.3f}" for b in bins)
-                        + (f" | repa {record['repa_loss']:.4f}" if repa is not None else "")
-                        + f" | grad {record['grad_norm']:.3f} | {record['images_per_s']:.0f} img/s"
-                        f" | peak {record['peak_mem_mb']:.0f} MB | ETA {format_duration(eta)}")
-            interval.update(stats=torch.zeros_like(stats), steps=0, start=time.time())
-        if is_main and (done % args.eval_every == 0 or done == args.max_steps):
+        is_last = done == args.max_steps
+        logging, saving = done % args.log_every == 0 or is_last, done % args.ckpt_every == 0 or is_last
+        if logging or saving:  # the only places the host waits for the device, and ranks exchange statistics
+            record = stats.summary(world_size, args.global_batch_size)
+            if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
+                saved = latest_checkpoint(run_dir)
+                raise SystemExit(f"step {done}: the loss is {record['loss']} (gradient norm {record['grad_norm']}); "
+                                 f"stopped without saving. The last good checkpoint, {saved or 'none yet'}, is "
+                                 f"untouched: resume from it with a lower --lr, --grad-clip 1.0 or --precision fp32")
+        if logging:
+            record.update(step=done, lr=args.lr, peak_mem_mb=peak_memory_mb(device), time_s=time.time() - run_start)
+            log.write(record, training_line(record, args.max_steps, args.global_batch_size))
+            stats.reset()
+        if is_main and (done % args.eval_every == 0 or is_last):
             val, val_bins = validation_loss(model, val_batch, args.global_batch_size, device, autocast)
             val_ema, val_ema_bins = validation_loss(ema, val_batch, args.global_batch_size, device, autocast)
-            log(dict(step=done, val_loss=val, val_loss_t_bins=val_bins, val_loss_ema=val_ema,
-                     val_loss_ema_t_bins=val_ema_bins),
-                f"step {done}: validation loss {val:.4f} (EMA {val_ema:.4f}) | t-bins "
-                + " ".join(f"{b:.3f}" for b in val_ema_bins) + " (EMA)")
-        if is_main and (done % args.ckpt_every == 0 or done == args.max_steps):
-            last_saved = save_checkpoint(make_checkpoint(done), checkpoint_dir, args.keep_ckpts)
+            log.write(dict(step=done, val_loss=val, val_loss_t_bins=val_bins, val_loss_ema=val_ema,
+                           val_loss_ema_t_bins=val_ema_bins),
+                      f"step {done}: validation loss {val:.4f} (EMA {val_ema:.4f}) | t-bins "
+                      + " ".join(f"{b:.3f}" for b in val_ema_bins) + " (EMA)")
+        if is_main and saving:
+            checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=done,
+                              args=vars(args), model_config=model_config, data=data_info,
+                              rng=dict(seed=args.seed, torch=torch.get_rng_state(),
+                                       cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
+            if projector is not None:
+                checkpoint["repa_projector"] = projector.state_dict()
+            last_saved = save_checkpoint(checkpoint, run_dir / "checkpoints", args.keep_ckpts)
 
-    if is_main and last_saved is not None:
+    if is_main:
         print(f"done: {args.max_steps} steps in {format_duration(time.time() - run_start)}; checkpoint {last_saved}")
         if args.sample_grid:
             grid_path = run_dir / "samples.png"
@@ -659,27 +520,99 @@ def train(args, rank, world_size, device):
             print(f"sample grid (EMA weights, one row per class, {how}): {grid_path}")
 
 
-def keep_log_until(log_path, step):
-    """Drop log records after `step` (written by a run that went on past its last checkpoint)."""
-    if not log_path.exists():
-        return
-    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    temporary = log_path.with_name(log_path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, log_path)
+#################################################################################
+#                           Statistics and the run's log                         #
+#################################################################################
+
+class IntervalStats:
+    """Sums of one logging interval, kept on the device so that a step never waits for the host."""
+
+    def __init__(self, device, repa):
+        self.device, self.repa = device, repa
+        self.reset()
+
+    def reset(self):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums = dict(loss=zeros(()), repa_loss=zeros(()), grad_norm=zeros(()), steps=zeros(()),
+                         loss_by_t_bin=zeros(T_BINS), samples_by_t_bin=zeros(T_BINS))
+        self.start = time.time()
+
+    def add(self, per_sample, t, grad_norm, repa):
+        """One step of this process: its per-sample losses and t, the gradient norm, the REPA loss or None."""
+        bin_sums, bin_counts = t_bin_sums(per_sample, t)
+        self.sums["loss"] += per_sample.detach().double().sum()
+        self.sums["grad_norm"] += grad_norm.detach().double()
+        if repa is not None:
+            self.sums["repa_loss"] += repa.detach().double()
+        self.sums["steps"] += 1
+        self.sums["loss_by_t_bin"] += bin_sums
+        self.sums["samples_by_t_bin"] += bin_counts
+
+    def summary(self, world_size, global_batch_size):
+        """The interval's means over all processes, as named floats (one all_reduce, one host sync)."""
+        flat = torch.cat([v.reshape(-1) for v in self.sums.values()])
+        if world_size > 1:
+            dist.all_reduce(flat)
+        sums = dict(zip(self.sums, flat.split([v.numel() for v in self.sums.values()])))
+        steps = sums["steps"].item() / world_size
+        elapsed = time.time() - self.start
+        record = dict(loss=sums["loss"].item() / (steps * global_batch_size),
+                      loss_t_bins=(sums["loss_by_t_bin"] / sums["samples_by_t_bin"].clamp(min=1)).tolist(),
+                      grad_norm=sums["grad_norm"].item() / (steps * world_size),
+                      images_per_s=steps * global_batch_size / elapsed)
+        if self.repa:
+            record["repa_loss"] = sums["repa_loss"].item() / (steps * world_size)
+        return record
+
+
+def training_line(record, max_steps, global_batch_size):
+    """The progress line of one logging interval."""
+    eta = (max_steps - record["step"]) * global_batch_size / record["images_per_s"]
+    return (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | t-bins "
+            + " ".join(f"{b:.3f}" for b in record["loss_t_bins"])
+            + (f" | repa {record['repa_loss']:.4f}" if "repa_loss" in record else "")
+            + f" | grad {record['grad_norm']:.3f} | {record['images_per_s']:.0f} img/s"
+            f" | peak {record['peak_mem_mb']:.0f} MB | ETA {format_duration(eta)}")
+
+
+class RunLog:
+    """results/<run>/log.jsonl: one JSON record per log or eval line, written by rank 0 only."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, record, line):
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def keep_until(self, step):
+        """Drop the records after `step` (written by a run that went on past its last checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
+
+
+def peak_memory_mb(device):
+    """Peak allocated GPU memory, or peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_sample_grid(model, num_classes, per_class, path, device, seed, decode=None):
     """A PNG with one row per class (the first 10) of `per_class` samples, made with sample.py's default
-    sampler and guidance (and decoded by `decode`, sample.latent_decoder, for latents)."""
-    import sample  # sample.py imports this file: import it only when it is needed
-    defaults = sample.parse_args([])
+    sampler (decoded by `decode`, data.latent_decoder, for latents)."""
     classes = list(range(min(num_classes, 10)))
-    images, labels = sample.sample_batch(model.eval(), range(per_class * len(classes)), seed, defaults.sampler,
-                                         defaults.steps, defaults.cfg_scale, class_labels=classes, device=device,
-                                         decode=decode)
-    sample.save_grid(images, labels, path, by_class=True)
-    return f"{defaults.sampler}, {defaults.steps} steps, cfg {defaults.cfg_scale:g}"
+    images, labels = sample_batch(model.eval(), range(per_class * len(classes)), seed, DEFAULT_SAMPLER,
+                                  DEFAULT_STEPS, class_labels=classes, device=device, decode=decode)
+    save_grid(images, labels, path, by_class=True)
+    return f"{DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps, no guidance"
 
 
 if __name__ == "__main__":
