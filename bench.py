@@ -6,7 +6,7 @@ summarized by their medians, and compared with plain PyTorch.
     TRITON_INTERPRET=1 python bench.py --op router --device cpu --impls torch,triton --batch 1 --sources 4
     python bench.py --op step --threads 1                         # every router, 12 and 24 blocks deep
 
---op router: one DAR consumer (paper Eq. 5, SPEC section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
+--op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
 256 tokens per image, d = 1152, N = 19 with chunk 4 and 57 dense), forward and backward, with
   torch    router.dar_mix, the plain PyTorch reference
   compile  torch.compile of it (compiled during the warm-up, which is not timed)
@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flow import flow_matching_loss
 from model import SiT_models, create_model
-from router import KERNELS, QUERIES, Trace, dar_mix
+from router import KERNELS, QUERIES, RMS_EPS, Trace, dar_mix
 
 MIB = 2 ** 20
 
@@ -161,7 +161,7 @@ def router_implementations(names, device):
                                  "to run it in Triton's interpreter, which times nothing useful)")
             from router_triton import fused_dar_mix
             implementations[name] = lambda sources, query, gain: fused_dar_mix(
-                sources, query, gain, return_alpha=False)[0]
+                sources, query, gain, RMS_EPS, return_alpha=False)[0]
         else:
             raise SystemExit(f"--impls: unknown implementation {name!r}; choose from torch, compile, triton")
     return implementations

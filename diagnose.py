@@ -1,6 +1,6 @@
 """Diagnose cross-layer routing in trained SiT checkpoints: the paper's three symptoms and its timestep routing.
 
-The paper's diagnostic study (its Figs. 2 and 3, SPEC.md section 6) for any checkpoints, side by side, measured
+The paper's diagnostic study (its Figs. 2 and 3, docs/method.md section 6) for any checkpoints, side by side, measured
 on held-out images (the validation split of each checkpoint's dataset) noised to every t of a grid:
   1. forward magnitude: RMS of the hidden state each block hands on (for DAR the aggregated state the next
      block reads; for the last block h_final), per token over channels, averaged over tokens and images;
@@ -10,7 +10,7 @@ on held-out images (the validation split of each checkpoint's dataset) noised to
   4. routing against t: for DAR the weights alpha per (sublayer, source); for the residual baseline the
      counterfactual importance of each source, dLoss/dg for a scalar gate g = 1 on every term of the running
      sum (the forward is numerically unchanged).
-The loss is the velocity MSE of the linear interpolant (SPEC section 5), one per image, so dLoss/dh and dLoss/dg
+The loss is the velocity MSE of the linear interpolant (method.md section 5), one per image, so dLoss/dh and dLoss/dg
 do not depend on the batch size.
 
     python diagnose.py                          # the newest checkpoint of every run under results/

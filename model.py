@@ -3,7 +3,7 @@
 The backbone follows SiT/DiT (patch embedding, fixed 2D sin-cos positions, adaLN-Zero blocks, final
 layer) with one change: a block never adds anything to a running residual stream. For each of its two
 sublayers it asks the router for the sublayer's input h_l and hands the router the sublayer's output
-v_l (SPEC.md section 2). Which router it has (residual, unet, dar) is decided in router.py.
+v_l (docs/method.md section 2). Which router it has (residual, unet, dar) is decided in router.py.
 
     from model import SiT_models
     model = SiT_models["SiT-T/4"](input_size=32, in_channels=1, num_classes=10, router="dar", chunk=4)
@@ -119,7 +119,7 @@ class Mlp(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """Sublayers 2k-1 (attention) and 2k (MLP) of block k. SPEC section 2:
+    """Sublayers 2k-1 (attention) and 2k (MLP) of block k. method.md section 2:
     v_l = gate_l(c) * f_l(modulate(LN(h_l), shift_l(c), scale_l(c))), with h_l asked from the router."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
@@ -213,7 +213,7 @@ class SiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-        # The router initializes itself, and may ask for a zero e(t) (SPEC section 3, timestep query).
+        # The router initializes itself, and may ask for a zero e(t) (method.md section 3, timestep query).
         self.router.reset_parameters()
         if self.router.zero_timestep_embedding:
             nn.init.constant_(self.t_embedder.mlp[2].weight, 0)
@@ -228,8 +228,8 @@ class SiT(nn.Module):
     def forward(self, x, t, y, return_hidden=None, trace=None):
         """Velocity prediction for x_t at time t with labels y (label `num_classes` = unconditional).
 
-        return_hidden=k also returns the hidden state block k (1-based) hands on (the REPA hook, SPEC
-        section 4). trace: a router.Trace to fill with every block's hidden state and the routing weights.
+        return_hidden=k also returns the hidden state block k (1-based) hands on (the REPA hook,
+        docs/method.md section 4). trace: a router.Trace to fill with every block's hidden state and the routing weights.
         """
         if return_hidden is not None and not 1 <= return_hidden <= self.depth:
             raise ValueError(f"repa depth (return_hidden) must be in 1..{self.depth}, got {return_hidden}")

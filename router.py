@@ -2,7 +2,7 @@
 
 The backbone (model.py) calls, for each forward pass, `route = router.start(v0, t_emb)` and then, for
 sublayers l = 1..2L in order, `h_l = route.read(shift_l, scale_l)` and `route.write(v_l)`; the final
-layer calls `route.read_final(shift, scale)`. Symbols are those of SPEC.md sections 2-4.
+layer calls `route.read_final(shift, scale)`. Symbols are those of docs/method.md sections 2-4.
 
     router = build_router("dar", depth=12, hidden_size=128, query="static", chunk=4)
 
@@ -11,7 +11,7 @@ Routers:
   unet      residual plus U-ViT long skips: the second half of the blocks fuses the first half's outputs
   dar       Diffusion-Adaptive Routing (paper Eq. 5): h_l = softmax-weighted sum over the sources V_l,
             with a static, timestep or dynamic query (Eq. 6) and chunked aggregation (chunk S)
-Also here: the REPA projector and loss (SPEC section 4), which read the hidden state a block hands on.
+Also here: the REPA projector and loss (method.md section 4), which read the hidden state a block hands on.
 """
 import math
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROUTERS = ("residual", "unet", "dar")
 QUERIES = ("static", "timestep", "dynamic")
 KERNELS = ("auto", "torch", "triton")  # how DAR computes Eq. 5: see mix_sources
-LOGIT_SCALES = ("inv-sqrt-d", "one")  # z_i = q . k_i / sqrt(d) (SPEC) or q . k_i (AttnRes), an ablation
+LOGIT_SCALES = ("inv-sqrt-d", "one")  # z_i = q . k_i / sqrt(d) (method.md) or q . k_i (AttnRes), an ablation
 RMS_EPS = 1e-6
 
 
@@ -207,7 +207,7 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True):
     if kernel == "torch" or (kernel == "auto" and not sources[0].is_cuda):
         return dar_mix(sources, query, gain)
     from router_triton import fused_dar_mix
-    return fused_dar_mix(sources, query, gain, return_alpha=need_alpha)
+    return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha)
 
 
 def _accumulation_dtype(x):
@@ -331,7 +331,7 @@ class DARRoute(Route):
 #################################################################################
 
 class REPAProjector(nn.Sequential):
-    """Per-token MLP d -> 2048 -> 2048 -> z_dim with SiLU between (SPEC section 4)."""
+    """Per-token MLP d -> 2048 -> 2048 -> z_dim with SiLU between (method.md section 4)."""
 
     def __init__(self, hidden_size, z_dim, projector_dim=2048):
         super().__init__(

@@ -1,13 +1,13 @@
 """The fused DAR aggregation (paper Eq. 5, Appendix E): Triton forward and backward kernels in one autograd Function.
 
     from router_triton import fused_dar_mix
-    h, alpha = fused_dar_mix(sources, query, gain, return_alpha=True)   # same contract as router.dar_mix
+    h, alpha = fused_dar_mix(sources, query, gain, eps=1e-6, return_alpha=True)   # the contract of router.dar_mix
 
 router.py calls this when a DAR model is built with kernel="triton" (or "auto" on CUDA); it imports this file
 only then, so nothing else in the project needs triton. On CPU the kernels run in Triton's interpreter, which
 triton selects when a kernel is defined: set TRITON_INTERPRET=1 before this file is first imported (tests).
 
-What one consumer computes, per token, over its N sources s_i (SPEC section 3; eps = router.RMS_EPS):
+What one consumer computes, per token, over its N sources s_i (docs/method.md section 3; eps is the RMSNorm epsilon, router.RMS_EPS):
     k_i = g * s_i / rms(s_i),  z_i = q . k_i / sqrt(d),  alpha = softmax_i(z),  h = sum_i alpha_i s_i
 The forward kernel streams the sources once with an online softmax (running max m, running sum l, running
 weighted sum of the raw sources), so the normalized keys, logits and weights stay in registers (the logits
@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from router import RMS_EPS
 
 INTERPRETED = triton.knobs.runtime.interpret  # what triton.jit saw when the kernels below were defined
 GPU_TILE = 4096  # elements of one [tokens, d] register tile on a GPU
@@ -142,7 +141,7 @@ def _mix_backward_kernel(
 
 
 @torch.compiler.disable
-def fused_dar_mix(sources, query, gain, eps=RMS_EPS, return_alpha=True, block_tokens=None):
+def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=None):
     """Eq. 5 for one consumer, as router.dar_mix: returns h [B, T, d] and alpha [B, T, N] (None unless
     return_alpha). sources: list of N tensors [B, T, d]; query: [d] (static), [B, 1, d] (one per sample,
     the timestep query) or [B, T, d] (dynamic); gain: [d]. alpha is not differentiable (it is for traces).

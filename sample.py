@@ -5,7 +5,7 @@
     python sample.py --class-labels 0 3 7 --num-samples 48 --cfg-scale 2 --cfg-interval 0.1 1
     torchrun --nproc_per_node 8 sample.py --ckpt CKPT --num-samples 50000 --steps 250 --batch-size 256
 
-Samplers (flow.py; SPEC.md section 5, SiT's conventions; t = 0 is noise, t = 1 is data): euler and heun
+Samplers (flow.py; docs/method.md section 5, SiT's conventions; t = 0 is noise, t = 1 is data): euler and heun
 ODEs on --steps equal steps (heun: 2 evaluations a step), and sde, Euler-Maruyama with SiT's final mean step.
 Guidance: v = v_u + s (v_c - v_u) on every channel; --cfg-channels 3 guides only channels 0-2, as SiT's
 released sampler does for its 4-channel latents (use it to compare with SiT's published numbers).

@@ -39,7 +39,7 @@ TRAINING = ["--model", MODEL, "--global-batch-size", "32", "--log-every", "50"]
 SAMPLING = ["--sampler", "heun", "--steps", "25", "--batch-size", "100", "--device", "cpu"]
 QUERIES = ("static", "timestep", "dynamic")
 NOISE_SEEDS = (0, 1, 2)
-ROUTING_T = (0.1, 0.9)  # low t is mostly noise, high t mostly data (SPEC section 5)
+ROUTING_T = (0.1, 0.9)  # low t is mostly noise, high t mostly data (method.md section 5)
 ROUTING_IMAGES = 128
 SETTINGS = argparse.Namespace(max_steps=800, fid_samples=500, fid_reference=1000)  # main() sets the flags
 

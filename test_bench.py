@@ -1,4 +1,4 @@
-"""Tests of bench.py --op step: every router gets a row, and the source counts and FLOP model are SPEC's.
+"""Tests of bench.py --op step: every router gets a row, and the source counts and FLOP model are those of docs/method.md.
 
 Run: python -m pytest -q test_bench.py
 """

@@ -1,4 +1,4 @@
-"""Tests of model.py and router.py against references written independently here (SPEC.md sections 2-4).
+"""Tests of model.py and router.py against references written independently here (docs/method.md sections 2-4).
 
 Run: python -m pytest -q test_router.py
 """
@@ -66,7 +66,7 @@ def residual_input(l, outs, shift, scale, t_emb):
 
 
 def spec_sources(l, outs, S, two_L):
-    """V_l from SPEC section 3, written from the formula: sublayer l (final: 2L+1) in chunk m."""
+    """V_l from docs/method.md section 3, written from the formula: sublayer l (final: 2L+1) in chunk m."""
     final = l == two_L + 1
     m = math.ceil(two_L / S) if final else math.ceil(l / S)
     summaries = [sum(outs[(n - 1) * S + 1: n * S + 1]) for n in range(1, m)]

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import bench  # noqa: E402
 import router_triton  # noqa: E402
 from model import SiT  # noqa: E402
-from router import Trace, build_router, dar_mix  # noqa: E402
+from router import RMS_EPS, Trace, build_router, dar_mix  # noqa: E402
 from router_triton import fused_dar_mix  # noqa: E402
 
 DEVICE = "cpu" if router_triton.INTERPRETED else "cuda"
@@ -57,7 +57,7 @@ def test_forward_and_backward_match_dar_mix(shape, kind, dtype):
     (query, gain, *sources), grad_h = make_inputs(n, batch, tokens, dim, kind, dtype)
     h_ref, alpha_ref = dar_mix(sources, query, gain)
     grads_ref = torch.autograd.grad(h_ref, [query, gain, *sources], grad_h)
-    h, alpha = fused_dar_mix(sources, query, gain, block_tokens=block_tokens)
+    h, alpha = fused_dar_mix(sources, query, gain, RMS_EPS, block_tokens=block_tokens)
     grads = torch.autograd.grad(h, [query, gain, *sources], grad_h)
     assert h.dtype == h_ref.dtype and alpha.dtype == alpha_ref.dtype
     assert_close(h, h_ref, TOLERANCE[dtype])
@@ -73,7 +73,7 @@ def test_gradcheck_float64(kind):
     leaves, _ = make_inputs(3, 2, 3, 5, kind, torch.float64, seed=1)
 
     def mix(query, gain, *sources):
-        return fused_dar_mix(list(sources), query, gain, return_alpha=False, block_tokens=2)[0]
+        return fused_dar_mix(list(sources), query, gain, RMS_EPS, return_alpha=False, block_tokens=2)[0]
 
     assert torch.autograd.gradcheck(mix, leaves, fast_mode=True)
 
@@ -84,7 +84,7 @@ def test_bfloat16_is_accumulated_in_float32():
     query, gain = (t.detach().float().requires_grad_() for t in (query, gain))
     h_ref, _ = dar_mix(sources, query, gain)
     grads_ref = torch.autograd.grad(h_ref, [query, gain, *sources], grad_h.float())
-    h, alpha = fused_dar_mix(sources, query, gain, return_alpha=False)
+    h, alpha = fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=False)
     grads = torch.autograd.grad(h, [query, gain, *sources], grad_h.float())
     assert h.dtype == torch.float32 and alpha is None
     assert_close(h, h_ref, 1e-5)
@@ -214,7 +214,7 @@ def test_kernel_choice_errors():
             router="dar", kernel="fused")
     sources = [torch.randn(2, 3, 8, device=DEVICE)] * 2
     with pytest.raises(ValueError, match="query must be"):
-        fused_dar_mix(sources, torch.zeros(1, 3, 8, device=DEVICE), torch.ones(8, device=DEVICE))
+        fused_dar_mix(sources, torch.zeros(1, 3, 8, device=DEVICE), torch.ones(8, device=DEVICE), RMS_EPS)
 
 
 def test_auto_never_imports_triton_on_cpu_and_triton_without_interpreter_says_why():

@@ -16,15 +16,17 @@ latents directory; training on it draws the mirror copy by a coin and a posterio
 and REPA's encoder sees the stored crops. --init-from starts a new run (step 0, fresh optimizer, EMA =
 the loaded weights) from SiT weights under any router (model.load_backbone; the router starts fresh).
 
-Objective (SPEC.md section 5): the SiT linear interpolant x_t = t x + (1 - t) noise, t ~ U(0, 1) (t = 0 is
+Objective (docs/method.md section 5): the SiT linear interpolant x_t = t x + (1 - t) noise, t ~ U(0, 1) (t = 0 is
 noise, t = 1 is data), and the MSE between the predicted velocity and u = x - noise; AdamW, EMA of the
 weights, label dropout for classifier-free guidance (done by the model's label embedder in train mode),
-optionally plus lambda * REPA loss (SPEC section 4).
+optionally plus lambda * REPA loss (method.md section 4).
 
 Every random draw is derived from (--seed, step): the data order from (seed, epoch) through a
 DistributedSampler, t and noise for the whole global batch from (seed, step), label dropout from
 (seed, step, rank). So a resumed run repeats the uninterrupted one exactly, and N processes under
-torchrun see the same global batches as one process.
+torchrun see the same global batches as one process. Their weights are close to one process's but not
+bit-identical: gradients are averaged across ranks in another order of floating-point sums (measured on
+a tiny model: 2 ranks vs 1, max abs weight difference 0.014 after 10 steps).
 
 Run layout (checkpoint.py): results/<run-name>/log.jsonl (one JSON record per log or eval line) and
 results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept.
@@ -182,7 +184,7 @@ def validation_loss(model, batch, micro_batch, device, autocast):
 #################################################################################
 
 class DINOv2Encoder(nn.Module):
-    """Frozen DINOv2 ViT-B/14 patch tokens on the SiT's token grid (SPEC section 4).
+    """Frozen DINOv2 ViT-B/14 patch tokens on the SiT's token grid (method.md section 4).
 
     Images in [-1, 1] are mapped to [0, 1], repeated to RGB, resized to 224 and ImageNet-normalized; the
     16 x 16 patch tokens are resampled (bilinear, antialiased) to the model's grid if it differs.
