@@ -7,7 +7,7 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op step --threads 1                         # every router, 12 and 24 blocks deep
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
-256 tokens per image, d = 1152, N = 19 with chunk 4 and 57 dense), forward and backward, with
+256 tokens per image, d = 1152; N = 19 bounds chunk 4 (1 + M + S), 57 is dense), forward and backward, with
   torch    router.dar_mix, the plain PyTorch reference
   compile  torch.compile of it (compiled during the warm-up, which is not timed)
   triton   router_triton.fused_dar_mix, the fused kernel (CUDA; on CPU only in Triton's interpreter,
@@ -20,8 +20,8 @@ profiler's allocation events).
 --op step: one training step (forward, flow-matching loss, backward, AdamW) of a whole SiT under every
 router (residual, unet, dar static / timestep / dynamic at chunk 1, 4 and 8), same weights seed and batch,
 for each --model (default the 12-block SiT-T/4 and the 24-block SiT-D/4). Beside the measured ratios to
-residual: the live sources (the most any consumer reads, and the sum over the 2L + 1 consumers, sum N_l,
-counted from a traced forward) and the theoretical extra forward FLOPs: the matmuls torch's FLOP counter
+residual: the live sources (the most any consumer reads, and the sum N_l over the consumers that mix,
+l = 2..2L+1, counted from a traced forward; sublayer 1 reads v_0 alone) and the theoretical extra forward FLOPs: the matmuls torch's FLOP counter
 sees beyond residual's (U-Net's skip Linears, the dynamic query projections W_l u_l) plus Eq. 5's mixing,
 about 6 d FLOPs per source per token (RMS 2d, q . s 2d, alpha_i s_i 2d), i.e. 6 d sum N_l per token.
 """
@@ -259,11 +259,12 @@ def matmul_flops(model, x, t, y):
 
 
 def live_sources(model, x, t, y):
-    """(the most sources one consumer reads, the sum over consumers) from a traced forward; residual: 0, 0."""
+    """(the most sources one consumer reads, the sum over the consumers that mix, i.e. read two or more) from a
+    traced forward; residual: 0, 0."""
     trace = Trace()
     with torch.no_grad():
         model(x[:1], t[:1], y[:1], trace=trace)
-    counts = [alpha.shape[-1] for alpha in trace.alpha]
+    counts = [alpha.shape[-1] for alpha in trace.alpha if alpha.shape[-1] > 1]
     return (max(counts), sum(counts)) if counts else (0, 0)
 
 

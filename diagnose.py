@@ -19,7 +19,7 @@ do not depend on the batch size.
     python diagnose.py --num-images 256 --t-grid 0.1,0.5,0.9 --layers 3,23,final
 
 Prints a table (one row per block, one column group per checkpoint) and writes to --out-dir: diagnose.json
-(every number), symptoms.png (Fig. 2 layout), symptoms_by_t.png, and routing_<run>.png per checkpoint
+(every number), symptoms.png (Fig. 2 layout), symptoms_by_t.png, and routing_<run>_<step>.png per checkpoint
 (Fig. 3 layout).
 
     python diagnose.py --curves residual=results/a-s0 residual=results/a-s1 "dar c4"=results/b-s0

@@ -181,8 +181,9 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.router = build_router(router, depth=depth, hidden_size=hidden_size, query=query, chunk=chunk,
-                                   kernel=kernel, logit_scale=logit_scale)
+        with torch.random.fork_rng(devices=[]):  # the router draws nothing: one seed, one backbone, any router
+            self.router = build_router(router, depth=depth, hidden_size=hidden_size, query=query, chunk=chunk,
+                                       kernel=kernel, logit_scale=logit_scale)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -191,7 +192,8 @@ class SiT(nn.Module):
                 torch.nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.constant_(module.bias, 0)
-        self.apply(_basic_init)
+        for part in (self.x_embedder, self.t_embedder, self.y_embedder, self.blocks, self.final_layer):
+            part.apply(_basic_init)
 
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
@@ -204,7 +206,7 @@ class SiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-        # adaLN-Zero: every sublayer starts as the identity of the residual stream.
+        # adaLN-Zero: every sublayer's output v_l starts at zero (the residual baseline starts as the identity).
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
@@ -213,7 +215,7 @@ class SiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-        # The router initializes itself, and may ask for a zero e(t) (method.md section 3, timestep query).
+        # The router initializes itself without random draws, and may ask for a zero e(t) (method.md section 3, timestep query).
         self.router.reset_parameters()
         if self.router.zero_timestep_embedding:
             nn.init.constant_(self.t_embedder.mlp[2].weight, 0)

@@ -142,7 +142,7 @@ class UNetRouter(nn.Module):
         self.skip_linears = nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2)])
 
     def reset_parameters(self):
-        # Our choice (README): [I, 0] so that the untrained model is exactly the residual baseline.
+        # Our choice (docs/method.md section 3): [I, 0] so that the untrained model is exactly the residual baseline.
         for linear in self.skip_linears:
             d = linear.out_features
             with torch.no_grad():
@@ -275,7 +275,7 @@ class DARRouter(nn.Module):
         self.depth = depth
         self.query = query
         self.chunk = chunk
-        self.zero_timestep_embedding = query == "timestep"  # e(t) = 0 at step 0: the same weights as static
+        self.zero_timestep_embedding = query == "timestep"  # e(t) = 0 at step 0: static's routing weights (c still differs)
         self.mixers = nn.ModuleList([SourceMixer(hidden_size, query) for _ in range(2 * depth)])
 
     def reset_parameters(self):

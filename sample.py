@@ -15,7 +15,7 @@ Sample i draws its noise (and its class when --class-labels is not given) from a
 of processes. Under torchrun each process samples every world-size-th batch and rank 0 merges one npz.
 
 Outputs, next to the checkpoint's run (results/<run>/samples/), unless --out names the npz:
-  <step>-<sampler>-<steps>[-cfg<s>[-<lo>-<hi>]][-raw][-seed<k>]-n<N>[-classes<a_b_c>].npz
+  <step>-<sampler>-<steps>[-cfg<s>[-<lo>-<hi>]][-ch<k>][-raw][-seed<k>]-n<N>[-classes<a_b_c>].npz
       arr_0: uint8 [N, H, W, 3] (NHWC; a 1-channel model's gray repeated to 3 channels, so the ADM
       evaluator reads it unchanged), arr_1: int64 [N] class labels
   the same name .png: a grid, one row per class when --class-labels is given (grayscale for 1-channel models)
@@ -50,6 +50,7 @@ def output_path(args, checkpoint_path, step):
     if args.cfg_scale != 1:
         name += f"-cfg{args.cfg_scale:g}" + (f"-{args.cfg_interval[0]:g}-{args.cfg_interval[1]:g}"
                                               if args.cfg_interval else "")
+    name += f"-ch{args.cfg_channels}" if args.cfg_channels is not None and args.cfg_scale != 1 else ""
     name += "-raw" if args.no_ema else ""
     name += f"-seed{args.seed}" if args.seed else ""
     name += f"-n{args.num_samples}"

@@ -1,6 +1,6 @@
-"""The router study of README "Results on CPU": does DAR beat the residual stream at our scale?
+"""The router study of docs/results-cpu.md: does DAR beat the residual stream at our scale?
 
-    python study.py                  # train every run, score, diagnose, report (about 2 h on 2 cores)
+    python study.py                  # train every run, score, diagnose, report (1 h 40 min on 2 idle cores)
     python study.py --report-only    # only the tables and figures, from what --results-dir holds
 
 Every run trains SiT-T/4 (12 blocks, width 128, 64 tokens) on Fashion-MNIST with train.py and the same

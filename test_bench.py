@@ -22,8 +22,9 @@ def test_step_bench_lists_every_router_with_spec_source_counts(capsys):
     rows = step_table(capsys)
     assert list(rows) == [label for label, *_ in bench.STEP_VARIANTS]
     two_L = 2 * 12  # SiT-T: 12 blocks
-    # Dense DAR: consumer l reads l sources (l = 1..2L+1): max 2L+1, sum (2L+1)(2L+2)/2.
-    assert rows["dar static c1"][1:3] == [str(two_L + 1), str((two_L + 1) * (two_L + 2) // 2)]
+    # Dense DAR: consumer l reads l sources; l = 2..2L+1 mix (sublayer 1 reads v_0 alone): max 2L+1, sum
+    # (2L+1)(2L+2)/2 - 1.
+    assert rows["dar static c1"][1:3] == [str(two_L + 1), str((two_L + 1) * (two_L + 2) // 2 - 1)]
     for chunk in (4, 8):  # at most 1 + M + S sources with M = ceil(2L / S)
         assert int(rows[f"dar static c{chunk}"][1]) <= 1 + math.ceil(two_L / chunk) + chunk
     assert rows["residual"][1:4] == ["-", "-", "+0.0%"]

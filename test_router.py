@@ -125,7 +125,7 @@ def test_logit_scale_one_drops_the_sqrt_d(query, kernel):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4, 5])
-def test_number_of_sources_matches_spec(chunk):
+def test_number_of_sources_matches_the_chunk_rule(chunk):
     model = tiny("dar", chunk=chunk)
     trace = Trace()
     model(*batch(), trace=trace)
@@ -151,6 +151,16 @@ def test_chunked_route_keeps_only_live_sources():
     route.read_final(None, None)
     M = math.ceil(2 * L / S)
     assert most <= 1 + M + S and len(route.stored) == 1 + (M - 1) + S
+
+
+def test_one_seed_gives_one_backbone_under_every_router():
+    """Routers draw no random numbers, so runs that differ only in the router start from the same backbone."""
+    def backbone(model):
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("router.")}
+    reference = backbone(tiny("residual"))
+    for router, query in (("unet", "static"), ("dar", "static"), ("dar", "dynamic")):
+        for name, tensor in backbone(tiny(router, query, chunk=2)).items():
+            assert torch.equal(tensor, reference[name]), (router, query, name)
 
 
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])

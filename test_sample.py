@@ -128,16 +128,17 @@ def test_cfg_interval_guides_only_inside(field):
 def test_cfg_channels_3_is_sits_released_guidance():
     """SiT's forward_with_cfg guides channels 0-2 and keeps the conditional prediction for the others; ours
     guides every channel unless asked for that."""
+    torch.manual_seed(0)
     model = create_model("SiT-T/8", input_size=16, in_channels=4, num_classes=3).double()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.3 * torch.randn_like(p))
     x, t, y = torch.randn(2, 4, 16, 16, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64), torch.tensor([0, 2])
     v_cond, v_uncond = model(x, t, y), model(x, t, torch.full_like(y, 3))
     sit = torch.cat([v_uncond[:, :3] + 2.5 * (v_cond[:, :3] - v_uncond[:, :3]), v_cond[:, 3:]], dim=1)
     torch.testing.assert_close(model.forward_with_cfg(x, t, y, 2.5, cfg_channels=3), sit)
     torch.testing.assert_close(model.forward_with_cfg(x, t, y, 2.5), v_uncond + 2.5 * (v_cond - v_uncond))
-    assert not torch.allclose(sit[:, 3:], (v_uncond + 2.5 * (v_cond - v_uncond))[:, 3:])
+    assert ((sit - model.forward_with_cfg(x, t, y, 2.5))[:, 3:]).abs().max() > 1e-3
 
 
 #################################################################################

@@ -24,7 +24,7 @@ optionally plus lambda * REPA loss (method.md section 4).
 Every random draw is derived from (--seed, step): the data order from (seed, epoch) through a
 DistributedSampler, t and noise for the whole global batch from (seed, step), label dropout from
 (seed, step, rank). So a resumed run repeats the uninterrupted one exactly, and N processes under
-torchrun see the same global batches as one process. Their weights are close to one process's but not
+torchrun see the same global batches (images, t, noise; label dropout is drawn per rank) as one process. Their weights are close to one process's but not
 bit-identical: gradients are averaged across ranks in another order of floating-point sums (measured on
 a tiny model: 2 ranks vs 1, max abs weight difference 0.014 after 10 steps).
 
@@ -72,7 +72,8 @@ class ShardedBatches:
     The order of the training images depends only on (seed, epoch) (DistributedSampler, drop_last), so
     batch `step` is the same whether the run was resumed or not. Rank r of W takes global positions
     r, r + W, r + 2W, ... of each global batch, and the same positions of the step's t and noise, drawn
-    for the whole global batch from (seed, step): W processes together see exactly what one process sees.
+    for the whole global batch from (seed, step): W processes together see the images, t and noise one
+    process sees (label dropout is drawn per rank).
     Latents (a LatentSet) take two more draws per sample from that generator: a coin that picks the image
     or its mirror, and the eps of the posterior sample z = mean + std * eps.
     """
