@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fid
 import sample
 import train
 from checkpoint import CHECKPOINT_KEYS, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
@@ -115,6 +116,12 @@ def test_pickled_code_is_refused_for_safety_not_called_corrupt(tmp_path):
             with pytest.raises(ValueError, match=f"{path.name} is not a plain-tensor checkpoint: it holds pickled "
                                                  r"objects \((posix|os).system\).*refused for safety"):
                 load(path)
+    run = tmp_path / "results" / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    os.replace(zipped, run / "checkpoints" / "0000003.pt")
+    with pytest.raises(ValueError, match="0000003.pt is not a plain-tensor checkpoint"):
+        fid.training_data_of(run / "samples" / "0000003-heun-25-n8.npz")
     assert not marker.exists()
 
 
@@ -141,6 +148,7 @@ def test_every_torch_load_is_weights_only():
      "24 or more never closes: that is dense DAR, --chunk 1. Pass --chunk 1, or a chunk in [2, 23]"),
     (sample.parse_args, ["--num-samples", "0"], "argument --num-samples: expected an integer >= 1, got '0'"),
     (sample.parse_args, ["--cfg-interval", "-0.5", "0.5"], "argument --cfg-interval: expected a number in [0, 1]"),
+    (fid.parse_args, ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_errors(parse, argv, message, capsys):
     with pytest.raises(SystemExit):
