@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
+import diagnose
 import fid
 import sample
+import study
 import train
 from checkpoint import CHECKPOINT_KEYS, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 
@@ -149,6 +152,9 @@ def test_every_torch_load_is_weights_only():
     (sample.parse_args, ["--num-samples", "0"], "argument --num-samples: expected an integer >= 1, got '0'"),
     (sample.parse_args, ["--cfg-interval", "-0.5", "0.5"], "argument --cfg-interval: expected a number in [0, 1]"),
     (fid.parse_args, ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (diagnose.main, ["--num-images", "0"], "argument --num-images: expected an integer >= 1, got '0'"),
+    (bench.parse_args, ["--op", "router", "--dim", "0"], "argument --dim: expected an integer >= 1, got '0'"),
+    (study.main, ["--fid-samples", "1"], "argument --fid-samples: expected an integer >= 2, got '1'"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_errors(parse, argv, message, capsys):
     with pytest.raises(SystemExit):
