@@ -56,7 +56,8 @@ def parse_args(argv=None):
     router.add_argument("--batch", type=in_range(int, 1), default=None, help="images; default 32 on cuda, 2 on cpu")
     router.add_argument("--tokens", type=in_range(int, 1), default=256, help="tokens per image (SiT-XL/2: 256)")
     router.add_argument("--dim", type=in_range(int, 1), default=1152, help="width d (SiT-XL/2: 1152)")
-    router.add_argument("--sources", default="19,57", help="comma-separated source counts N")
+    router.add_argument("--sources", default="19,57", type=lambda text: [in_range(int, 1)(n) for n in text.split(",")],
+                        help="comma-separated source counts N")
     router.add_argument("--query", choices=QUERIES, default="static",
                         help="static: [d]; timestep: [B, 1, d]; dynamic: [B, T, d]")
     router.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
@@ -181,9 +182,6 @@ def bench_router(args):
     device = torch.device(args.device)
     if args.batch is None:
         args.batch = 32 if device.type == "cuda" else 2
-    counts = [int(n) for n in args.sources.split(",")]
-    if min(args.batch, args.tokens, args.dim, *counts) < 1:
-        raise SystemExit("--batch, --tokens, --dim and every --sources count must be >= 1")
     names = (args.impls or ("torch,compile,triton" if device.type == "cuda" else "torch,compile")).split(",")
     if names[0] != "torch":
         names = ["torch"] + [name for name in names if name != "torch"]  # the reference of every ratio
@@ -192,7 +190,7 @@ def bench_router(args):
     print(f"DAR aggregation, {name}, {args.dtype}: batch {args.batch} x {args.tokens} tokens, d {args.dim}, "
           f"{args.query} query; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up")
     rows = []
-    for n in counts:
+    for n in args.sources:
         leaves, grad_h = router_inputs(args, n, device)
         query, gain, *sources = leaves
 

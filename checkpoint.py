@@ -220,10 +220,6 @@ class Terminated(BaseException):
     KeyboardInterrupt is, so that no `except Exception` swallows it)."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def process_gone(pid):
     """Whether process `pid` of this machine has exited (or is a zombie that torchrun has not reaped yet)."""
     try:
@@ -278,6 +274,14 @@ def run_distributed(work, args, device, rerun="run the same command again"):
     rank, world_size = dist.get_rank(), dist.get_world_size()
     peers = [None] * world_size
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    owner = os.getpid()
+
+    def raise_terminated(signum, frame):  # in this process; a forked DataLoader worker just ends, as by default
+        if os.getpid() == owner:
+            raise Terminated()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return work(args, rank, world_size, device)

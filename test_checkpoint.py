@@ -154,6 +154,7 @@ def test_every_torch_load_is_weights_only():
     (fid.parse_args, ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
     (diagnose.main, ["--num-images", "0"], "argument --num-images: expected an integer >= 1, got '0'"),
     (bench.parse_args, ["--op", "router", "--dim", "0"], "argument --dim: expected an integer >= 1, got '0'"),
+    (bench.parse_args, ["--op", "router", "--sources", "19,x"], "argument --sources: expected an integer >= 1, got 'x'"),
     (study.main, ["--fid-samples", "1"], "argument --fid-samples: expected an integer >= 2, got '1'"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_errors(parse, argv, message, capsys):
