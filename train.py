@@ -27,7 +27,9 @@ DistributedSampler, t and noise for the whole global batch from (seed, step), la
 torchrun see the same global batches as one process.
 
 Run layout (checkpoint.py): results/<run-name>/log.jsonl (one JSON record per log or eval line) and
-results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept.
+results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept. A run stops
+before saving weights that diverged; what a kill, a full disk, a divergence or a dead torchrun rank does, and
+what to do next: docs/failures.md.
 """
 import argparse
 import copy
