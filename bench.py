@@ -34,6 +34,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from checkpoint import in_range
 from flow import flow_matching_loss
 from model import SiT_models, create_model
 from router import KERNELS, QUERIES, RMS_EPS, Trace, dar_mix
@@ -47,15 +48,16 @@ def parse_args(argv=None):
     parser.add_argument("--op", choices=sorted(OPS), required=True, help="what to benchmark")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: cuda when available")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs of each implementation")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, caches)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=in_range(int, 1), default=10, help="timed runs of each implementation")
+    parser.add_argument("--warmup", type=in_range(int, 0), default=2, help="untimed runs first (compilation, caches)")
+    parser.add_argument("--seed", type=in_range(int, 0), default=0)
+    parser.add_argument("--threads", type=in_range(int, 1), default=None, help="CPU threads (default: torch's choice)")
     router = parser.add_argument_group("--op router")
-    router.add_argument("--batch", type=int, default=None, help="images; default 32 on cuda, 2 on cpu")
-    router.add_argument("--tokens", type=int, default=256, help="tokens per image (SiT-XL/2: 256)")
-    router.add_argument("--dim", type=int, default=1152, help="width d (SiT-XL/2: 1152)")
-    router.add_argument("--sources", default="19,57", help="comma-separated source counts N")
+    router.add_argument("--batch", type=in_range(int, 1), default=None, help="images; default 32 on cuda, 2 on cpu")
+    router.add_argument("--tokens", type=in_range(int, 1), default=256, help="tokens per image (SiT-XL/2: 256)")
+    router.add_argument("--dim", type=in_range(int, 1), default=1152, help="width d (SiT-XL/2: 1152)")
+    router.add_argument("--sources", default="19,57", type=lambda text: [in_range(int, 1)(n) for n in text.split(",")],
+                        help="comma-separated source counts N")
     router.add_argument("--query", choices=QUERIES, default="static",
                         help="static: [d]; timestep: [B, 1, d]; dynamic: [B, T, d]")
     router.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
@@ -64,20 +66,16 @@ def parse_args(argv=None):
                         help="comma-separated from torch,compile,triton; default all that run on the device")
     step = parser.add_argument_group("--op step")
     step.add_argument("--model", default="SiT-T/4,SiT-D/4", help="comma-separated SiT configs (default %(default)s)")
-    step.add_argument("--image-size", type=int, default=32, help="(default %(default)s)")
-    step.add_argument("--channels", type=int, default=1, help="image channels (default %(default)s, Fashion-MNIST)")
-    step.add_argument("--step-batch", type=int, default=None, help="images per step; default 256 on cuda, 32 on cpu")
+    step.add_argument("--image-size", type=in_range(int, 1), default=32, help="(default %(default)s)")
+    step.add_argument("--channels", type=in_range(int, 1), default=1, help="image channels (default %(default)s, Fashion-MNIST)")
+    step.add_argument("--step-batch", type=in_range(int, 1), default=None, help="images per step; default 256 on cuda, 32 on cpu")
     step.add_argument("--kernel", default="auto", choices=KERNELS, help="DAR implementation, as train.py --kernel")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     return args
 
@@ -184,9 +182,6 @@ def bench_router(args):
     device = torch.device(args.device)
     if args.batch is None:
         args.batch = 32 if device.type == "cuda" else 2
-    counts = [int(n) for n in args.sources.split(",")]
-    if min(args.batch, args.tokens, args.dim, *counts) < 1:
-        raise SystemExit("--batch, --tokens, --dim and every --sources count must be >= 1")
     names = (args.impls or ("torch,compile,triton" if device.type == "cuda" else "torch,compile")).split(",")
     if names[0] != "torch":
         names = ["torch"] + [name for name in names if name != "torch"]  # the reference of every ratio
@@ -195,7 +190,7 @@ def bench_router(args):
     print(f"DAR aggregation, {name}, {args.dtype}: batch {args.batch} x {args.tokens} tokens, d {args.dim}, "
           f"{args.query} query; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up")
     rows = []
-    for n in counts:
+    for n in args.sources:
         leaves, grad_h = router_inputs(args, n, device)
         query, gain, *sources = leaves
 

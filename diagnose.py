@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import latest_checkpoint, load_model, validation_curve
+from checkpoint import in_range, latest_checkpoint, load_model, validation_curve
 from data import load_data, to_model_space
 from flow import flow_matching_loss
 from router import DARRouter, ResidualRouter, Route, Trace, chunk_sources
@@ -681,13 +681,13 @@ def main(argv=None):
                         "default: the newest checkpoint of every run under --results-dir")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out-dir", default=None, help="where the JSON and figures go (default: <results-dir>/diagnose)")
-    parser.add_argument("--num-images", type=int, default=128, help="held-out images per t")
+    parser.add_argument("--num-images", type=in_range(int, 1), default=128, help="held-out images per t")
     parser.add_argument("--t-grid", default="10", help="a count K (bin centres (k + 0.5) / K) or t values like 0.1,0.5,0.9")
     parser.add_argument("--layers", default=None, help="consumers whose routing to draw: sublayer numbers "
                         "1..2L (odd = attention, even = MLP) and/or 'final'; default: a shallow, a deep, final")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=in_range(int, 1), default=64)
+    parser.add_argument("--seed", type=in_range(int, 0), default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,
@@ -709,8 +709,6 @@ def main(argv=None):
         args.t_grid = parse_t_grid(args.t_grid)
     except ValueError as e:
         parser.error(str(e))
-    if args.num_images < 1 or args.batch_size < 1:
-        parser.error("--num-images and --batch-size must be at least 1")
     paths = args.ckpt
     if not paths:
         paths = find_checkpoints(args.results_dir)

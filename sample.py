@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import load_model, resolve_checkpoint, run_distributed
+from checkpoint import in_range, load_model, load_torch_file, resolve_checkpoint, run_distributed
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
 
@@ -64,20 +64,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
+    at_least_1 = in_range(int, 1)
     add("--ckpt", default=None, help="checkpoint file or run directory (default: newest under --results-dir)")
     add("--results-dir", default="results")
     add("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     add("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS))
-    add("--steps", type=int, default=DEFAULT_STEPS, help="integration steps (heun: 2 velocity evaluations each)")
-    add("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s (1: none)")
-    add("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    add("--steps", type=at_least_1, default=DEFAULT_STEPS, help="integration steps (heun: 2 velocity evaluations each)")
+    add("--cfg-scale", type=in_range(float, 0), default=1.0, help="classifier-free guidance scale s (1: none)")
+    add("--cfg-interval", type=in_range(float, 0, 1), nargs=2, default=None, metavar=("LO", "HI"),
         help="guide only for t in [LO, HI] (t = 0 noise, 1 data)")
-    add("--cfg-channels", type=int, default=None, metavar="K",
+    add("--cfg-channels", type=at_least_1, default=None, metavar="K",
         help="guide only the first K channels (default: all); 3 is SiT's released sampler on 4-channel latents")
-    add("--class-labels", type=int, nargs="+", default=None, help="cycle through these classes (default: uniform)")
-    add("--num-samples", type=int, default=1000)
-    add("--batch-size", type=int, default=125, help="samples per forward pass (per process)")
-    add("--seed", type=int, default=0, help="sample i uses seed + i")
+    add("--class-labels", type=in_range(int, 0), nargs="+", default=None, help="cycle through these classes (default: uniform)")
+    add("--num-samples", type=at_least_1, default=1000)
+    add("--batch-size", type=at_least_1, default=125, help="samples per forward pass (per process)")
+    add("--seed", type=in_range(int, 0), default=0, help="sample i uses seed + i")
     add("--out", default=None, help="npz path (the PNG goes beside it)")
     add("--vae", default=None, metavar="PATH_OR_ID",
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
@@ -85,9 +86,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler {args.sampler}")
-    if args.num_samples < 1 or args.batch_size < 1:
-        parser.error("--num-samples and --batch-size must be >= 1")
-    if args.cfg_interval and not 0 <= args.cfg_interval[0] <= args.cfg_interval[1] <= 1:
+    if args.cfg_interval and args.cfg_interval[0] > args.cfg_interval[1]:
         parser.error(f"--cfg-interval LO HI needs 0 <= LO <= HI <= 1, got {args.cfg_interval}")
     return args
 
@@ -147,7 +146,8 @@ def run(args, rank, world_size, device):
         dist.barrier()
         if rank != 0:
             return
-        shards = [torch.load(out.with_name(f".{out.stem}.rank{r}.pt")) for r in range(world_size)]
+        shards = [load_torch_file(out.with_name(f".{out.stem}.rank{r}.pt"), "cpu", f"the samples of rank {r}")
+                  for r in range(world_size)]
         parts = [(s["images"].split(args.batch_size), s["labels"].split(args.batch_size)) for s in shards]
         # batch b was made by rank b % world_size, as its (b // world_size)-th batch
         images = torch.cat([parts[b % world_size][0][b // world_size] for b in range(len(batches))])

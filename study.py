@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from checkpoint import latest_checkpoint, load_checkpoint, read_log, validation_curve
+from checkpoint import in_range, latest_checkpoint, load_checkpoint, read_log, validation_curve
 from data import format_duration
 
 HERE = Path(__file__).resolve().parent  # the scripts run from here
@@ -320,15 +320,13 @@ def main(argv=None):
     parser.add_argument("--results-dir", default="results/study", help="(default %(default)s)")
     parser.add_argument("--out-dir", default="docs/study", help="the report (default %(default)s)")
     parser.add_argument("--report-only", action="store_true", help="skip the runs, only write the report")
-    parser.add_argument("--max-steps", type=int, default=SETTINGS.max_steps,
+    parser.add_argument("--max-steps", type=in_range(int, 8), default=SETTINGS.max_steps,
                         help="training steps of every run, batch 32 (default %(default)s)")
-    parser.add_argument("--fid-samples", type=int, default=SETTINGS.fid_samples, help="(default %(default)s)")
-    parser.add_argument("--fid-reference", type=int, default=SETTINGS.fid_reference,
+    parser.add_argument("--fid-samples", type=in_range(int, 2), default=SETTINGS.fid_samples, help="(default %(default)s)")
+    parser.add_argument("--fid-reference", type=in_range(int, 2), default=SETTINGS.fid_reference,
                         help="training images in the FID reference (default %(default)s)")
     parser.add_argument("--score", metavar="RUN_DIR", help=argparse.SUPPRESS)  # a job run_jobs starts
     args = parser.parse_args(argv)
-    if args.max_steps < 8 or args.fid_samples < 2 or args.fid_reference < 2:
-        parser.error("--max-steps must be >= 8 (8 evaluations), --fid-samples and --fid-reference >= 2")
     SETTINGS.max_steps, SETTINGS.fid_samples, SETTINGS.fid_reference = args.max_steps, args.fid_samples, args.fid_reference
     if args.score:
         return score(args.score)

@@ -7,6 +7,10 @@ product takes 10 to 30 s on 2 cores, so the real check uses 6 images per set, co
 the full 2048 dimensions (FID(A, A), whose product is singular) and compares real / real with real / noise
 on the first 256 dimensions (the sqrtm code is the same at any dimension, tested on closed forms here).
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +21,8 @@ from PIL import Image
 import fid
 from data import load_fashion_mnist
 from fid import frechet_distance, inception_features, precision_recall, statistics
+
+REPO = Path(__file__).resolve().parent
 
 
 def reference_features(net, images):
@@ -181,6 +187,34 @@ def test_bad_inputs_are_clear_errors(tmp_path, stand_in):
         fid.load_inception(tmp_path / "other.npz", "cpu")
     with pytest.raises(ValueError, match="pass --ref"):
         fid.main([str(tmp_path / "other.npz"), "--inception", str(stand_in)])
+
+
+def test_broken_statistics_and_files_name_the_file(tmp_path, stand_in):
+    net = ["--inception", str(stand_in), "--cache-dir", str(tmp_path / "cache")]
+    np.savez(tmp_path / "a.npz", arr_0=random_images(8, 0))
+    np.savez(tmp_path / "nan_mu.npz", mu=np.full(48, np.nan), sigma=np.eye(48))
+    np.savez(tmp_path / "nan_sigma.npz", mu=np.zeros(48), sigma=np.diag(np.full(48, np.nan)))
+    for name in ("mu", "sigma"):
+        with pytest.raises(ValueError, match=f"nan_{name}.npz: {name} hold NaN or infinite values; expected finite"):
+            fid.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / f"nan_{name}.npz")] + net)
+    result = subprocess.run([sys.executable, str(REPO / "fid.py"), str(tmp_path / "a.npz"), "--ref",
+                             str(tmp_path / "nan_mu.npz"), *net], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "FID" not in result.stdout
+    assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path / 'nan_mu.npz'}: mu hold NaN")
+
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(ValueError, match=r"random.npz: not a readable npz \(not a zip of .npy arrays\); expected an "
+                                         r"npz of images \(arr_0: uint8 \[N, H, W, C\]\) or of statistics"):
+        fid.main([str(tmp_path / "random.npz"), "--ref", str(tmp_path / "a.npz")] + net)
+
+    run = tmp_path / "results" / "run"  # samples beside a corrupt checkpoint
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    np.savez(run / "samples" / "0000020-heun-25-n8.npz", arr_0=random_images(8, 1))
+    (run / "checkpoints" / "0000020.pt").write_bytes(np.random.default_rng(1).bytes(1000))
+    with pytest.raises(ValueError, match=r"checkpoint .*0000020.pt is truncated or corrupt .*; expected a train.py "
+                                         r"checkpoint, whose data entry names the reference: pass --ref"):
+        fid.main([str(run / "samples" / "0000020-heun-25-n8.npz")] + net)
 
 
 #################################################################################

@@ -1,5 +1,6 @@
-"""Tests of train.py and data.py on tiny data and tiny models: data loading, the loss, EMA, checkpoints, exact resume
-after a real kill, clear errors, NaN stop, 2-process DDP == 1 process, REPA.
+"""Tests of train.py and data.py on tiny data and tiny models: data loading, the loss, EMA, exact resume after a real
+kill, a log cut short, a full disk, clear errors, NaN and divergence stops, 2-process DDP == 1 process, a rank
+killed under torchrun, REPA.
 
     python -m pytest -q test_train.py
 
@@ -24,7 +25,7 @@ from PIL import Image
 
 import data
 import train
-from checkpoint import CHECKPOINT_KEYS, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+from checkpoint import latest_checkpoint, load_checkpoint, load_model
 from model import create_model
 
 REPO = Path(__file__).resolve().parent
@@ -229,47 +230,6 @@ def test_defaults_and_run_name():
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-SAVE_THEN_DIE_MID_WRITE = """
-import io, os, signal, sys, torch
-from checkpoint import CHECKPOINT_KEYS, save_checkpoint
-state = {key: 0 for key in CHECKPOINT_KEYS}
-state["model"] = {"w": torch.arange(4.0)}
-state["step"] = 1
-save_checkpoint(state, sys.argv[1], keep=2)
-real_save = torch.save
-def half_write_then_die(obj, f):
-    buffer = io.BytesIO()
-    real_save(obj, buffer)
-    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = half_write_then_die
-state["step"] = 2
-save_checkpoint(state, sys.argv[1], keep=2)
-"""
-
-
-def test_checkpoint_killed_mid_write_leaves_previous_one(tmp_path):
-    result = run_train(tmp_path / "checkpoints", wrapper=SAVE_THEN_DIE_MID_WRITE, check=False)
-    assert result.returncode == -signal.SIGKILL
-    assert latest_checkpoint(tmp_path) == str(checkpoint_path(tmp_path, 1))
-    assert torch.equal(load_checkpoint(checkpoint_path(tmp_path, 1))["model"]["w"], torch.arange(4.0))
-    partial = tmp_path / "checkpoints" / ".0000002.pt.tmp"
-    assert partial.exists()  # what the killed process was writing
-    os.replace(partial, checkpoint_path(tmp_path, 2))
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        load_checkpoint(checkpoint_path(tmp_path, 2))
-
-
-def test_keep_last_checkpoints(tmp_path):
-    for step in range(1, 6):
-        checkpoint = {key: 0 for key in CHECKPOINT_KEYS} | {"step": step}
-        save_checkpoint(checkpoint, tmp_path / "checkpoints", keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt"]
-    assert latest_checkpoint(tmp_path) == str(checkpoint_path(tmp_path, 5))
-    assert latest_checkpoint(tmp_path / "nothing") is None
-
-
 KILL_AFTER_CHECKPOINT = """
 import os, signal, sys, train
 save = train.save_checkpoint
@@ -315,6 +275,64 @@ def test_exact_resume_after_kill(finished_run):
             assert torch.equal(ours[key][name], tensor), (key, name)
     for state, reference_state in zip(ours["opt"]["state"].values(), reference["opt"]["state"].values()):
         assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)
+
+
+def test_resume_survives_a_partial_last_log_line(tiny_fashion, tmp_path):
+    base = [*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--run-name", "cut",
+            "--ckpt-every", "2", "--eval-every", "100"]
+    train.main(base + ["--max-steps", "3"])
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write('{"loss": 1.2345, "loss_t_bins": [1.0,')  # a crash or a full disk in the middle of a record
+    train.main(base + ["--max-steps", "4", "--resume", "auto"])
+    assert [r["step"] for r in read_log(tmp_path / "cut") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_before_the_first_checkpoint_restarts_the_log(tiny_fashion, tmp_path, capsys):
+    base = [*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--run-name", "early",
+            "--max-steps", "3", "--eval-every", "100"]
+    train.main(base)
+    for path in (tmp_path / "early" / "checkpoints").iterdir():  # as if killed before its first checkpoint
+        path.unlink()
+    capsys.readouterr()
+    train.main(base + ["--resume", "auto"])
+    assert "dropped the 4 record(s) after step 0" in capsys.readouterr().out
+    assert [(r["step"], "loss" in r) for r in read_log(tmp_path / "early")] == [(1, True), (2, True), (3, True),
+                                                                                  (3, False)]
+
+
+def test_full_disk_during_a_save_keeps_the_run_resumable(tiny_fashion, tmp_path, monkeypatch, capsys):
+    base = [*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--run-name", "full",
+            "--max-steps", "3", "--ckpt-every", "1", "--keep-ckpts", "1", "--eval-every", "100"]
+    run_dir, real_save = tmp_path / "full", torch.save
+
+    def disk_full_at_step_2(checkpoint, f):  # torch.save's error when the disk fills up under it
+        if checkpoint["step"] != 2:
+            return real_save(checkpoint, f)
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1138")
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*0000002.pt .*unexpected pos.*"
+                                      r"a checkpoint needs about \d+ MB, \d+ MB are free there"):
+        train.main(base)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000001.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # A kill left temp files, and the disk is still full: the error names the file it could not write.
+    (run_dir / "checkpoints" / ".0000002.pt.tmp").write_bytes(b"x" * 1000)
+    (run_dir / ".log.jsonl.tmp").write_text("partial")
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"could not write the log .*full/log.jsonl \(OSError: \[Errno 28\]"):
+        train.main(base + ["--resume", "auto"])
+    assert "removed" in capsys.readouterr().out and not list(run_dir.rglob("*.tmp"))
+    monkeypatch.undo()
+    train.main(base + ["--resume", "auto"])
+    assert [r["step"] for r in read_log(run_dir) if "loss" in r] == [1, 2, 3]
+    assert latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 3))
 
 
 def test_resume_with_another_config_is_a_clear_error(finished_run):
@@ -429,21 +447,41 @@ def test_init_from_sit_weights_into_dar(tiny_fashion, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_fashion, tmp_path, monkeypatch):
     real_loss, calls = train.flow_matching_loss, []
 
-    def poisoned_from_fourth_step(*args, **kwargs):
-        calls.append(1)
-        loss, hidden = real_loss(*args, **kwargs)
+    def poisoned_from_fourth_step(model, *args, **kwargs):
+        calls.extend([1] if model.training else [])  # training steps (not the checks of the weights saved)
+        loss, hidden = real_loss(model, *args, **kwargs)
         return (loss * float("nan") if len(calls) >= 4 else loss), hidden
 
     monkeypatch.setattr(train, "flow_matching_loss", poisoned_from_fourth_step)
     args = [*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--run-name", "nan",
             "--max-steps", "8", "--ckpt-every", "2", "--eval-every", "100"]
-    with pytest.raises(SystemExit, match="step 4: the loss is nan.*0000002.pt, is untouched"):
+    with pytest.raises(SystemExit, match=r"step 4: the loss is nan.*0000002.pt \(step 2, loss [0-9.]+\), is untouched"):
         train.main(args)
     run_dir = tmp_path / "nan"
     assert latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 2))
     model, _ = load_model(checkpoint_path(run_dir, 2), ema=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3]
+
+
+def test_divergence_is_stopped_before_it_is_saved(tiny_fashion, tmp_path):
+    base = [*TINY, "--data-dir", str(tiny_fashion), "--results-dir", str(tmp_path), "--run-name", "diverge",
+            "--ckpt-every", "1", "--keep-ckpts", "2", "--eval-every", "100"]
+    run_dir = tmp_path / "diverge"
+    train.main(base + ["--max-steps", "2"])
+    good = {step: load_checkpoint(checkpoint_path(run_dir, step)) for step in (1, 2)}
+    # lr 1e6: step 3's update explodes the weights, which step 3's own loss (before the update) cannot show
+    with pytest.raises(SystemExit, match=r"step 3: after the update, the loss on the step's batch is "
+                                         r"\S+(, over 10x the median .*)?; stopped without saving. The last good checkpoint, .*0000002.pt \(step 2, loss "
+                                         + f"{good[2]['loss']:.4f}" + r"\), is untouched"):
+        train.main(base + ["--max-steps", "8", "--resume", "auto", "--lr", "1e6"])
+    assert latest_checkpoint(run_dir) == str(checkpoint_path(run_dir, 2))
+    for step, checkpoint in good.items():
+        for name, tensor in load_checkpoint(checkpoint_path(run_dir, step))["model"].items():
+            assert torch.equal(tensor, checkpoint["model"][name])
+    with pytest.raises(SystemExit, match="step 1: after the update.*stopped before any checkpoint was saved"):
+        train.main(base + ["--run-name", "diverge-at-once", "--max-steps", "8", "--lr", "1e6"])
+    assert latest_checkpoint(tmp_path / "diverge-at-once") is None
 
 
 def test_bf16_run_and_final_sample_grid(tiny_fashion, tmp_path):
@@ -479,6 +517,32 @@ def test_two_process_ddp_equals_one_process(tiny_fashion, tmp_path):
     reference = load_checkpoint(checkpoint_path(tmp_path / "one", 3))["model"]
     for name, tensor in load_checkpoint(checkpoint_path(tmp_path / "two", 3))["model"].items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6)
+
+
+KILL_RANK_1 = """
+import os, signal, sys, train
+update, steps = train.update_ema, []
+def update_then_die(*args):
+    update(*args)
+    steps.append(1)
+    if os.environ["RANK"] == "1" and len(steps) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.update_ema = update_then_die
+sys.argv[0] = "train.py"
+train.main()
+"""
+
+
+def test_a_killed_rank_is_one_line_naming_it(tiny_fashion, tmp_path):
+    (tmp_path / "kill_rank_1.py").write_text(KILL_RANK_1)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "kill_rank_1.py"), *TINY, "--data-dir", str(tiny_fashion),
+                             "--results-dir", str(tmp_path), "--max-steps", "50", "--ckpt-every", "1"],
+                            env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: rank 1 (pid " in output and "continue with the same command and --resume auto" in output, output
+    assert "Connection reset" not in output and "[rank0]" not in output, output
 
 
 # --------------------------------------------------------------------------------------------- REPA

@@ -29,17 +29,20 @@ bit-identical: gradients are averaged across ranks in another order of floating-
 a tiny model: 2 ranks vs 1, max abs weight difference 0.014 after 10 steps).
 
 Run layout (checkpoint.py): results/<run-name>/log.jsonl (one JSON record per log or eval line) and
-results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept.
+results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --keep-ckpts kept. A run stops
+before saving weights that diverged; what a kill, a full disk, a divergence or a dead torchrun rank does, and
+what to do next: docs/failures.md.
 """
 import argparse
 import copy
 import json
 import math
-import os
 import resource
 import socket
+import statistics
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -51,10 +54,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from checkpoint import latest_checkpoint, load_checkpoint, load_torch_file, run_distributed, save_checkpoint
+from checkpoint import (in_range, latest_checkpoint, load_checkpoint, load_torch_file, read_log,
+                        remove_partial_files, run_distributed, save_checkpoint, write_atomically)
 from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, save_grid, to_model_space
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, flow_matching_loss, sample_batch
-from model import SiT_models, create_model, load_backbone
+from model import SIT_SIZES, SiT_models, create_model, load_backbone
 from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
 
 #################################################################################
@@ -180,6 +184,44 @@ def validation_loss(model, batch, micro_batch, device, autocast):
     return (sums.sum() / counts.sum()).item(), (sums / counts.clamp(min=1)).tolist()
 
 
+# A run has diverged when its loss exceeds DIVERGED_FACTOR x the median of the last RECENT_INTERVALS logged
+# interval losses. Healthy flow-matching training only lowers its loss (from about E|x - noise|^2 ~ 1.5 at
+# the start); intervals of a few tiny batches scatter within 2-3x of each other, while a diverging update
+# multiplies the loss by orders of magnitude (lr 1e6: 1.5 -> 1e15). The median ignores a single outlier.
+DIVERGED_FACTOR, RECENT_INTERVALS = 10, 10
+
+
+def divergence(what, loss, recent, grad_norm=None):
+    """Why `loss` (named `what`) and the gradient norm, if given, look diverged next to the recent interval
+    losses; None when they look healthy."""
+    if not math.isfinite(loss) or not math.isfinite(grad_norm if grad_norm is not None else 0.0):
+        return f"{what} is {loss}" + (f" (gradient norm {grad_norm})" if grad_norm is not None else "")
+    if recent and loss > DIVERGED_FACTOR * statistics.median(recent):
+        return (f"{what} is {loss:.4g}, over {DIVERGED_FACTOR}x the median {statistics.median(recent):.4g} of "
+                f"the last {len(recent)} logged")
+    return None
+
+
+def loss_on_batch(model, batch, world_size, device, autocast):
+    """The mean loss of `model` (eval mode) on this step's batch, over all processes: the loss of the weights
+    its update produced, which the step's training loss (computed before the update) cannot show."""
+    loss = torch.tensor(validation_loss(model, batch, len(batch[0]), device, autocast)[0], device=device)
+    if world_size > 1:
+        dist.all_reduce(loss)
+    return loss.item() / world_size
+
+
+def stop_message(step, problem, good):
+    """The one line of a run stopped at `step` before saving, naming the last good checkpoint (path, step, loss)."""
+    advice = "a lower --lr, --grad-clip 1.0 or --precision fp32"
+    if good is None:
+        return f"step {step}: {problem}; stopped before any checkpoint was saved: start again with {advice}"
+    path, good_step, loss = good
+    return (f"step {step}: {problem}; stopped without saving. The last good checkpoint, {path} (step "
+            f"{good_step}, loss {'not recorded' if loss is None else f'{loss:.4f}'}), is untouched: resume from "
+            f"it (--resume auto) with {advice}")
+
+
 #################################################################################
 #                               REPA target encoders                             #
 #################################################################################
@@ -286,54 +328,64 @@ TINY_SIZES = ("T", "D")  # the CPU configs of model.py
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
+    at_least_1, at_least_0, number_at_least_0 = in_range(int, 1), in_range(int, 0), in_range(float, 0)
     add("--model", default="SiT-T/4", choices=list(SiT_models), metavar="NAME",
         help="SiT config: SiT-{XL,L,B,S,T,D}/{2,4,8} (default %(default)s)")
     add("--router", default="residual", choices=ROUTERS, help="cross-layer routing (default %(default)s)")
     add("--query", default="static", choices=QUERIES, help="DAR query, Eq. 6 (default %(default)s)")
-    add("--chunk", type=int, default=1, help="DAR chunk size S, 1 is dense (default %(default)s)")
+    add("--chunk", type=at_least_1, default=1,
+        help="DAR chunk size S, 1 is dense, below the 2L sublayers (default %(default)s)")
     add("--kernel", default="auto", choices=KERNELS, help="DAR implementation; auto: fused Triton on CUDA")
     add("--logit-scale", default="inv-sqrt-d", choices=LOGIT_SCALES,
         help="DAR logits q . k / sqrt(d) (Eq. 5, default) or q . k ('one', AttnRes's choice; an ablation)")
     add("--data", default=None, help="an image folder in ImageNet layout, or a latents directory written by "
         "--extract-latents (default: Fashion-MNIST)")
     add("--data-dir", default=None, help="where to look for, or download, the Fashion-MNIST .gz files first")
-    add("--image-size", type=int, default=None, help="default 32 (Fashion-MNIST's 28 x 28 is padded); 256 for "
-        "--extract-latents; a latents directory fixes its own")
-    add("--max-steps", type=int, default=1500, help="(default %(default)s)")
-    add("--global-batch-size", type=int, default=64, help="summed over all processes (default %(default)s)")
-    add("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4; 1e-3 for the tiny T/D configs)")
-    add("--ema-decay", type=float, default=None, help="default 0.9999; 0.995 for the tiny T/D configs")
-    add("--label-dropout", type=float, default=0.1, help="class label dropout for CFG (default %(default)s)")
-    add("--grad-clip", type=float, default=0.0, help="max gradient norm; 0: no clipping (default)")
+    add("--image-size", type=at_least_1, default=None, help="default 32 (Fashion-MNIST's 28 x 28 is padded); 256 "
+        "for --extract-latents; a latents directory fixes its own")
+    add("--max-steps", type=at_least_1, default=1500, help="(default %(default)s)")
+    add("--global-batch-size", type=at_least_1, default=64, help="summed over all processes (default %(default)s)")
+    add("--lr", type=number_at_least_0, default=None,
+        help="AdamW learning rate (default 1e-4; 1e-3 for the tiny T/D configs)")
+    add("--ema-decay", type=in_range(float, 0, 1, high_excluded=True), default=None,
+        help="default 0.9999; 0.995 for the tiny T/D configs")
+    add("--label-dropout", type=in_range(float, 0, 1), default=0.1,
+        help="class label dropout for CFG (default %(default)s)")
+    add("--grad-clip", type=number_at_least_0, default=0.0, help="max gradient norm; 0: no clipping (default)")
     add("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (default %(default)s)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--seed", type=int, default=0, help="every random draw derives from it and the step (default %(default)s)")
+    add("--seed", type=at_least_0, default=0,
+        help="every random draw derives from it and the step (default %(default)s)")
     add("--repa-encoder", default="none", choices=["none", *REPA_ENCODERS],
         help="REPA target encoder (default: none, REPA off)")
-    add("--repa-coeff", type=float, default=0.5, help="REPA loss weight lambda (default %(default)s)")
-    add("--repa-depth", type=int, default=None, help="the block aligned by REPA (default: 4 of 12 blocks, 8 of 24+)")
+    add("--repa-coeff", type=number_at_least_0, default=0.5, help="REPA loss weight lambda (default %(default)s)")
+    add("--repa-depth", type=at_least_1, default=None,
+        help="the block aligned by REPA (default: 4 of 12 blocks, 8 of 24+)")
     add("--results-dir", default="results", help="(default %(default)s)")
     add("--run-name", default=None, help="default: <model>-<router>[-<query>-c<chunk>[-logit-one]], '/' -> '-'")
     add("--resume", default=None, help="a checkpoint path, or 'auto' for the newest in the run directory")
     add("--init-from", default=None, metavar="PATH", help="start a new run from these SiT weights: a state dict "
         "(e.g. the released SiT-XL-2-256x256.pt) or a checkpoint (its EMA); the router starts fresh")
-    add("--log-every", type=int, default=20, help="(default %(default)s)")
-    add("--eval-every", type=int, default=250, help="validation loss every N steps (default %(default)s)")
-    add("--eval-batch-size", type=int, default=512, help="size of the fixed validation batch (default %(default)s)")
-    add("--ckpt-every", type=int, default=500, help="(default %(default)s)")
-    add("--keep-ckpts", type=int, default=3, help="keep the newest k checkpoints; 0: all (default %(default)s)")
-    add("--sample-grid", type=int, default=10, help="samples per class (at most 16) in the grid written at the "
-        "end; 0: none (default %(default)s)")
+    add("--log-every", type=at_least_1, default=20, help="(default %(default)s)")
+    add("--eval-every", type=at_least_1, default=250, help="validation loss every N steps (default %(default)s)")
+    add("--eval-batch-size", type=at_least_1, default=512,
+        help="size of the fixed validation batch (default %(default)s)")
+    add("--ckpt-every", type=at_least_1, default=500, help="(default %(default)s)")
+    add("--keep-ckpts", type=at_least_0, default=3,
+        help="keep the newest k checkpoints; 0: all (default %(default)s)")
+    add("--sample-grid", type=in_range(int, 0, 16), default=10,
+        help="samples per class (at most 16) in the grid written at the end; 0: none (default %(default)s)")
     extraction = parser.add_argument_group("SD-VAE latents: train.py --extract-latents --data FOLDER --out DIR, "
                                            "then train.py --data DIR")
     extraction.add_argument("--extract-latents", action="store_true", help="encode the image folder --data into --out")
     extraction.add_argument("--out", default=None, help="the latents directory to write (resumed if interrupted)")
     extraction.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                             help="diffusers AutoencoderKL: a Hugging Face id or a local folder (default %(default)s)")
-    extraction.add_argument("--shard-size", type=int, default=5000, help="images per shard (default %(default)s)")
-    extraction.add_argument("--vae-batch-size", type=int, default=32,
+    extraction.add_argument("--shard-size", type=at_least_1, default=5000,
+                            help="images per shard (default %(default)s)")
+    extraction.add_argument("--vae-batch-size", type=at_least_1, default=32,
                             help="images per VAE call (twice that with the mirrors), per process (default %(default)s)")
-    extraction.add_argument("--num-workers", type=int, default=8,
+    extraction.add_argument("--num-workers", type=at_least_0, default=8,
                             help="image decoding processes, per process (default %(default)s)")
     extraction.add_argument("--no-pixels", action="store_true",
                             help="do not store the cropped images (saves 192 KB per 256px image; no REPA then)")
@@ -343,18 +395,14 @@ def parse_args(argv=None):
             parser.error("--extract-latents needs --data (an image folder) and --out (the latents directory), "
                          "and no --data-dir")
         args.image_size = args.image_size or 256
-        for flag in ("image_size", "shard_size", "vae_batch_size"):
-            if getattr(args, flag) < 1:
-                parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-        if args.num_workers < 0:
-            parser.error("--num-workers must be >= 0")
         return args
     if args.out:
         parser.error("--out is the output of --extract-latents (training writes to --results-dir)")
     if args.init_from and args.resume:
         parser.error("--init-from starts a new run, --resume continues one: to continue a run started with "
                      "--init-from, pass --resume alone")
-    tiny = args.model.split("-")[1].split("/")[0] in TINY_SIZES
+    size = args.model.split("-")[1].split("/")[0]
+    tiny, depth = size in TINY_SIZES, SIT_SIZES[size][0]
     if args.lr is None:
         args.lr = 1e-3 if tiny else 1e-4
     if args.ema_decay is None:
@@ -365,20 +413,22 @@ def parse_args(argv=None):
             args.run_name += f"-{args.query}-c{args.chunk}"
             if args.logit_scale != "inv-sqrt-d":
                 args.run_name += f"-logit-{args.logit_scale}"
-    for flag in ("max_steps", "global_batch_size", "log_every", "eval_every", "ckpt_every", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.router == "dar" and args.chunk >= 2 * depth:
+        parser.error(f"--chunk {args.chunk}: {args.model} has {2 * depth} sublayers, and a chunk of {2 * depth} or "
+                     f"more never closes: that is dense DAR, --chunk 1. Pass --chunk 1, or a chunk in [2, {2 * depth - 1}]")
+    if args.repa_depth is not None and args.repa_depth > depth:
+        parser.error(f"--repa-depth {args.repa_depth}: {args.model} has blocks 1..{depth}")
     if args.data and args.data_dir:
         parser.error("--data (an image folder) and --data-dir (Fashion-MNIST files) exclude each other")
-    if not 0 <= args.ema_decay < 1:
-        parser.error("--ema-decay must be in [0, 1)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     run_distributed(extract_latents if args.extract_latents else train, args,
-                    "cuda" if torch.cuda.is_available() else "cpu")
+                    "cuda" if torch.cuda.is_available() else "cpu",
+                    rerun="run the same command again: the extraction resumes" if args.extract_latents
+                    else "continue with the same command and --resume auto")
 
 
 def train(args, rank, world_size, device):
@@ -422,24 +472,30 @@ def train(args, rank, world_size, device):
 
     # Resume: the newest checkpoint of the run (--resume auto) or the one named.
     resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
-    start_step = 0
+    start_step, recent, good = 0, deque(maxlen=RECENT_INTERVALS), None
     if resume_path:
         checkpoint = load_checkpoint(resume_path, device)
         check_resume_compatible(checkpoint, resume_path, model_config, data_info, projector is not None)
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["opt"])
+        for group in optimizer.param_groups:  # the saved state holds the old --lr: a resume may lower it
+            group["lr"] = args.lr
         if projector is not None:
             projector.load_state_dict(checkpoint["repa_projector"])
         start_step = checkpoint["step"]
+        recent.extend(checkpoint.get("recent_losses", []))
+        good = (resume_path, start_step, checkpoint.get("loss"))
     elif latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume auto "
                          f"{'instead of --init-from ' if args.init_from else ''}to continue that run, "
                          f"or choose another --run-name / --results-dir")
-    log = RunLog(run_dir / "log.jsonl", enabled=is_main)
+    log = RunLog(run_dir, enabled=is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        log.keep_until(start_step)  # a resumed run rewrites what came after its checkpoint; a new one, all
+        for partial in remove_partial_files(run_dir, run_dir / "checkpoints"):
+            print(f"removed {partial}, left by a process killed while writing it")
+        dropped = log.keep_until(start_step)  # a resumed run rewrites what came after its checkpoint; a new one, all
         print(data_note)
         print(f"{args.model} router={args.router} query={args.query} chunk={args.chunk}: "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} process(es) "
@@ -454,6 +510,9 @@ def train(args, rank, world_size, device):
                   + (f"; flags changed since: {changed}" if changed else ""))
         elif args.resume == "auto":
             print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch")
+        if dropped:
+            print(f"{log.path}: dropped the {dropped} record(s) after step {start_step}, which the run wrote "
+                  f"after its last checkpoint")
     if start_step >= args.max_steps:
         if is_main:
             print(f"the run is already at step {start_step} (--max-steps {args.max_steps}): nothing to do")
@@ -489,12 +548,15 @@ def train(args, rank, world_size, device):
         logging, saving = done % args.log_every == 0 or is_last, done % args.ckpt_every == 0 or is_last
         if logging or saving:  # the only places the host waits for the device, and ranks exchange statistics
             record = stats.summary(world_size, args.global_batch_size)
-            if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
-                saved = latest_checkpoint(run_dir)
-                raise SystemExit(f"step {done}: the loss is {record['loss']} (gradient norm {record['grad_norm']}); "
-                                 f"stopped without saving. The last good checkpoint, {saved or 'none yet'}, is "
-                                 f"untouched: resume from it with a lower --lr, --grad-clip 1.0 or --precision fp32")
+            problem = divergence("the loss", record["loss"], recent, record["grad_norm"])
+            if saving and problem is None:  # the interval's losses predate its last update: check what is saved
+                weights_loss = loss_on_batch(model, (x, y, t, noise), world_size, device, autocast)
+                problem = divergence("after the update, the loss on the step's batch", weights_loss,
+                                     [*recent, record["loss"]])
+            if problem:
+                raise SystemExit(stop_message(done, problem, good) if is_main else 1)
         if logging:
+            recent.append(record["loss"])
             record.update(step=done, lr=args.lr, peak_mem_mb=peak_memory_mb(device), time_s=time.time() - run_start)
             log.write(record, training_line(record, args.max_steps, args.global_batch_size))
             stats.reset()
@@ -509,10 +571,12 @@ def train(args, rank, world_size, device):
             checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=done,
                               args=vars(args), model_config=model_config, data=data_info,
                               rng=dict(seed=args.seed, torch=torch.get_rng_state(),
-                                       cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
+                                       cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []),
+                              loss=weights_loss, recent_losses=list(recent))
             if projector is not None:
                 checkpoint["repa_projector"] = projector.state_dict()
             last_saved = save_checkpoint(checkpoint, run_dir / "checkpoints", args.keep_ckpts)
+            good = (last_saved, done, weights_loss)
 
     if is_main:
         print(f"done: {args.max_steps} steps in {format_duration(time.time() - run_start)}; checkpoint {last_saved}")
@@ -581,24 +645,28 @@ def training_line(record, max_steps, global_batch_size):
 class RunLog:
     """results/<run>/log.jsonl: one JSON record per log or eval line, written by rank 0 only."""
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, run_dir, enabled=True):
+        self.run_dir, self.path, self.enabled = Path(run_dir), Path(run_dir) / "log.jsonl", enabled
 
     def write(self, record, line):
         if not self.enabled:
             return
         print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: the error alone names no file
+            raise OSError(f"could not append to {self.path} ({err.strerror or err})") from None
 
     def keep_until(self, step):
-        """Drop the records after `step` (written by a run that went on past its last checkpoint)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
+        """Drop the records after `step` (written by a run that went on past its last checkpoint) and a last
+        line cut short by a crash; the number of records dropped."""
+        records = read_log(self.run_dir)
+        kept = [record for record in records if record["step"] <= step]
+        if self.path.exists():
+            write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()),
+                             "the log")
+        return len(records) - len(kept)
 
 
 def peak_memory_mb(device):
