@@ -168,6 +168,16 @@ def validation_batch(data, labels, size):
     return x, labels[:size], t, noise
 
 
+def log_validation(log, step, model, ema, batch, micro_batch, device, autocast):
+    """Validation loss of the raw and the EMA weights on the fixed batch, into the run's log."""
+    val, val_bins = validation_loss(model, batch, micro_batch, device, autocast)
+    val_ema, val_ema_bins = validation_loss(ema, batch, micro_batch, device, autocast)
+    log.write(dict(step=step, val_loss=val, val_loss_t_bins=val_bins, val_loss_ema=val_ema,
+                   val_loss_ema_t_bins=val_ema_bins),
+              f"step {step}: validation loss {val:.4f} (EMA {val_ema:.4f}) | t-bins "
+              + " ".join(f"{b:.3f}" for b in val_ema_bins) + " (EMA)")
+
+
 @torch.no_grad()
 def validation_loss(model, batch, micro_batch, device, autocast):
     """(mean loss, mean loss per t-bin) of `model` in eval mode (no label dropout) on the fixed batch."""
@@ -561,12 +571,7 @@ def train(args, rank, world_size, device):
             log.write(record, training_line(record, args.max_steps, args.global_batch_size))
             stats.reset()
         if is_main and (done % args.eval_every == 0 or is_last):
-            val, val_bins = validation_loss(model, val_batch, args.global_batch_size, device, autocast)
-            val_ema, val_ema_bins = validation_loss(ema, val_batch, args.global_batch_size, device, autocast)
-            log.write(dict(step=done, val_loss=val, val_loss_t_bins=val_bins, val_loss_ema=val_ema,
-                           val_loss_ema_t_bins=val_ema_bins),
-                      f"step {done}: validation loss {val:.4f} (EMA {val_ema:.4f}) | t-bins "
-                      + " ".join(f"{b:.3f}" for b in val_ema_bins) + " (EMA)")
+            log_validation(log, done, model, ema, val_batch, args.global_batch_size, device, autocast)
         if is_main and saving:
             checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=done,
                               args=vars(args), model_config=model_config, data=data_info,
