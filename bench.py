@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import SiT_models, create_model
-from router import KERNELS, QUERIES, Trace, dar_mix
+from router import KERNELS, QUERIES, RMS_EPS, Trace, cpu_dar_mix, dar_mix
 from train import flow_matching_loss
 
 MIB = 2 ** 20
@@ -161,7 +161,7 @@ def router_implementations(names, device):
                                  "to run it in Triton's interpreter, which times nothing useful)")
             from router_triton import fused_dar_mix
             implementations[name] = lambda sources, query, gain: fused_dar_mix(
-                sources, query, gain, return_alpha=False)[0]
+                sources, query, gain, RMS_EPS, return_alpha=False)[0]
         else:
             raise SystemExit(f"--impls: unknown implementation {name!r}; choose from torch, compile, triton")
     return implementations
