@@ -3,6 +3,11 @@
 Run: python -m pytest -q test_bench.py
 """
 import math
+import os
+import subprocess
+
+import pytest
+import torch
 
 import bench
 
@@ -51,3 +56,13 @@ def test_router_bench_runs_the_cpu_op(capsys):
                        "--sources", "3", "--impls", "torch,cpu", "--repeats", "1", "--warmup", "0"])
     assert [row[:2] for row in rows] == [["torch", "3"], ["cpu", "3"]]
     assert "(-" in rows[1][6] or "(+0.0%)" in rows[1][6]  # the op saves less for the backward than dar_mix
+
+
+def test_gpu_checks_skip_in_one_line_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bash .ci/gpu would run the checks")
+    result = subprocess.run(["bash", ".ci/gpu"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == ["SKIPPED: bash .ci/gpu needs a CUDA GPU and this machine has none; "
+                                          "nothing was run"]
