@@ -322,14 +322,15 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS):
 
     dar_mix leaves autograd to record about ten ops on [B, T, d] tensors per source, each a pass over
     memory that allocates a fresh temporary; on a CPU that traffic, not the arithmetic, is what DAR costs.
-    Here the forward is a matrix-vector product (the logits), a norm and one in-place multiply-add per
-    source; the backward is written by hand and keeps only [N, B, T] statistics besides the sources. It is
+    Here one loop reads each source once, while it is in cache: its norm, a matrix-vector product for the
+    logit and an in-place multiply-add into h (an online softmax); the backward, written by hand, is one such
+    loop too, and keeps only h and [N, B, T] statistics besides the sources. It is
     the custom op dar::mix, so that torch.compile captures a whole DAR model and calls it as it is.
     bf16/fp16 sources are read as they are (one source at a time converted) and accumulated in float32.
 
     Backward, per token, with r_i = rms(s_i)^-1, z_i = (q g . s_i) r_i / sqrt(d) and upstream gradient dh:
-      through h = sum_i alpha_i s_i and the softmax, dz_i = alpha_i (dh . s_i - delta) with
-      delta = dh . h = sum_j alpha_j dh . s_j (so h need not be kept); with dr_i/ds_i = -r_i^3 s_i / d,
+      through h = sum_i alpha_i s_i and the softmax, dz_i = alpha_i (dh . s_i - delta) with delta = dh . h
+      (h is saved: the next sublayer's LayerNorm keeps it anyway); with dr_i/ds_i = -r_i^3 s_i / d,
       dL/ds_i = alpha_i dh + c_i q g - dz_i z_i r_i^2 / d s_i,  where c_i = dz_i r_i / sqrt(d);
       dL/d(q g) = sum_i c_i s_i, summed over the tokens that share q; dq = g dL/d(q g), dg = q dL/d(q g).
     """
@@ -369,16 +370,24 @@ def _mix(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor,
     query_gain = query.to(dtype) * gain.to(dtype)
     logits = sources[0].new_empty((len(sources), *sources[0].shape[:-1]), dtype=dtype)
     inv_rms = torch.empty_like(logits)
-    for i, s in enumerate(sources):
-        s = s.to(dtype)
-        logits[i] = _logit_dots(s, query_gain)
+    for i, source in enumerate(sources):
+        s = source.to(dtype)
         torch.linalg.vector_norm(s, dim=-1, out=inv_rms[i])
-    inv_rms.square_().div_(dim).add_(eps).rsqrt_()
-    logits.mul_(inv_rms).div_(math.sqrt(dim))  # z_i = q . k_i / sqrt(d) with k_i = g s_i r_i
-    alpha = logits.softmax(dim=0)  # Eq. 5: softmax over sources, per token
-    h = sources[0].to(dtype) * alpha[0, ..., None]
-    for i in range(1, len(sources)):
-        h.addcmul_(sources[i], alpha[i, ..., None])
+        inv_rms[i].square_().div_(dim).add_(eps).rsqrt_()
+        torch.mul(_logit_dots(s, query_gain), inv_rms[i], out=logits[i]).div_(math.sqrt(dim))  # z_i = q . k_i / sqrt(d)
+        # Eq. 5 as an online softmax: each source is added to h while it is still in cache, and what was summed
+        # so far is rescaled to the running maximum of the logits
+        if i == 0:
+            running_max, total, h = logits[0].clone(), torch.ones_like(logits[0]), s.clone() if s is source else s
+            continue
+        new_max = torch.maximum(running_max, logits[i])
+        rescale = (running_max - new_max).exp_()
+        weight = (logits[i] - new_max).exp_()
+        total.mul_(rescale).add_(weight)
+        h.mul_(rescale[..., None]).addcmul_(s, weight[..., None])
+        running_max = new_max
+    h.div_(total[..., None])
+    alpha = (logits - running_max - total.log()).exp_()
     return h, alpha, logits, inv_rms
 
 
@@ -390,48 +399,47 @@ def _(sources, query, gain, eps):
 
 
 @torch.library.custom_op("dar::mix_backward", mutates_args=())
-def _mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, alpha: torch.Tensor,
-                  logits: torch.Tensor, inv_rms: torch.Tensor,
+def _mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, h: torch.Tensor,
+                  alpha: torch.Tensor, logits: torch.Tensor, inv_rms: torch.Tensor,
                   grad_h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(dL/ds_i for every source, dL/dq, dL/dg), from what dar::mix saved (cpu_dar_mix's docstring)."""
+    """(dL/ds_i for every source, dL/dq, dL/dg), from what dar::mix saved (cpu_dar_mix's docstring); one pass
+    of the loop per source, so that each is read while it is in cache."""
     dtype, dim = alpha.dtype, grad_h.shape[-1]
     grad_h = grad_h.to(dtype)
     query_gain = query.to(dtype) * gain.to(dtype)
-    dots = torch.empty_like(alpha)
-    product = torch.empty_like(grad_h)  # one buffer for every dh * s_i, not a fresh temporary per source
-    for i, s in enumerate(sources):
-        torch.sum(torch.mul(grad_h, s, out=product), dim=-1, out=dots[i])
-    grad_logits = alpha * (dots - (alpha * dots).sum(dim=0))  # dz_i = alpha_i (dh . s_i - delta)
-    c = grad_logits * inv_rms / math.sqrt(dim)
-    rms_term = grad_logits * logits * inv_rms.square() / dim
+    delta = torch.linalg.vecdot(grad_h, h)
     grad_query_gain = torch.zeros_like(query_gain)
     grad_sources = []
     for i, source in enumerate(sources):
         s = source.to(dtype)
-        grad = grad_h * alpha[i, ..., None]
-        grad.addcmul_(c[i, ..., None], query_gain).addcmul_(s, rms_term[i, ..., None], value=-1)
-        _add_query_gradient(grad_query_gain, s, c[i])
+        grad = torch.mul(grad_h, s)  # first dh * s_i, for dh . s_i; then the gradient itself, in the same memory
+        grad_logit = grad.sum(dim=-1).sub_(delta).mul_(alpha[i])  # dz_i = alpha_i (dh . s_i - delta)
+        c = grad_logit * inv_rms[i] / math.sqrt(dim)
+        rms_term = (grad_logit * logits[i]).mul_(inv_rms[i].square()).div_(dim)
+        torch.mul(grad_h, alpha[i, ..., None], out=grad)
+        grad.addcmul_(c[..., None], query_gain).addcmul_(s, rms_term[..., None], value=-1)
+        _add_query_gradient(grad_query_gain, s, c)
         grad_sources.append(grad.to(source.dtype))
     grad_gain = (grad_query_gain * query).reshape(-1, dim).sum(dim=0)
     return grad_sources, (grad_query_gain * gain).to(query.dtype), grad_gain.to(gain.dtype)
 
 
 @_mix_backward.register_fake
-def _(sources, query, gain, alpha, logits, inv_rms, grad_h):
+def _(sources, query, gain, h, alpha, logits, inv_rms, grad_h):
     return [torch.empty_like(s) for s in sources], torch.empty_like(query), torch.empty_like(gain)
 
 
 def _save_for_mix_backward(ctx, inputs, output):
     sources, query, gain, _ = inputs
-    _, alpha, logits, inv_rms = output
-    ctx.save_for_backward(query, gain, alpha, logits, inv_rms, *sources)
+    h, alpha, logits, inv_rms = output
+    ctx.save_for_backward(query, gain, h, alpha, logits, inv_rms, *sources)
     ctx.mark_non_differentiable(alpha, logits, inv_rms)
 
 
 def _mix_gradients(ctx, grad_h, *_):
-    query, gain, alpha, logits, inv_rms, *sources = ctx.saved_tensors
+    query, gain, h, alpha, logits, inv_rms, *sources = ctx.saved_tensors
     grad_sources, grad_query, grad_gain = torch.ops.dar.mix_backward(
-        sources, query, gain, alpha, logits, inv_rms, grad_h)
+        sources, query, gain, h, alpha, logits, inv_rms, grad_h)
     return grad_sources, grad_query, grad_gain, None
 
 
