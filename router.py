@@ -304,15 +304,6 @@ class DARRoute(Route):
         self.current.append(v)
 
 
-def _as_source(v0):
-    """v_0 in the layout and dtype of the other sources: one copy per forward pass instead of one per consumer.
-    The patch embedding hands it over transposed in memory, which every consumer would read against the grain,
-    and under autocast in float32 (the position embedding is) while every v_l is in the autocast dtype."""
-    device = v0.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
-    return v0.to(dtype, memory_format=torch.contiguous_format)
-
-
 #################################################################################
 #        dar: Eq. 5 as a custom op with a hand-written backward (CPU path)       #
 #################################################################################
@@ -324,8 +315,8 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS):
     memory that allocates a fresh temporary; on a CPU that traffic, not the arithmetic, is what DAR costs.
     Here one loop reads each source once, while it is in cache: its norm, a matrix-vector product for the
     logit and an in-place multiply-add into h (an online softmax); the backward, written by hand, is one such
-    loop too, and keeps only h and [N, B, T] statistics besides the sources. It is
-    the custom op dar::mix, so that torch.compile captures a whole DAR model and calls it as it is.
+    loop too, and keeps only h and [N, B, T] statistics besides the sources. It is the custom op dar::mix,
+    so that torch.compile captures a whole DAR model and calls it as it is.
     bf16/fp16 sources are read as they are (one source at a time converted) and accumulated in float32.
 
     Backward, per token, with r_i = rms(s_i)^-1, z_i = (q g . s_i) r_i / sqrt(d) and upstream gradient dh:
@@ -336,6 +327,15 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS):
     """
     h, alpha, _, _ = torch.ops.dar.mix(sources, query, gain, eps)
     return h, alpha.permute(1, 2, 0)  # [N, B, T] -> dar_mix's [B, T, N]
+
+
+def _as_source(v0):
+    """v_0 in the layout and dtype of the other sources: one copy per forward pass instead of one per consumer.
+    The patch embedding hands it over transposed in memory, which every consumer would read against the grain,
+    and under autocast in float32 (the position embedding is) while every v_l is in the autocast dtype."""
+    device = v0.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
+    return v0.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _mix_dtype(sources, query, gain):
@@ -374,11 +374,13 @@ def _mix(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor,
         s = source.to(dtype)
         torch.linalg.vector_norm(s, dim=-1, out=inv_rms[i])
         inv_rms[i].square_().div_(dim).add_(eps).rsqrt_()
-        torch.mul(_logit_dots(s, query_gain), inv_rms[i], out=logits[i]).div_(math.sqrt(dim))  # z_i = q . k_i / sqrt(d)
+        # z_i = q . k_i / sqrt(d) with k_i = g s_i r_i
+        torch.mul(_logit_dots(s, query_gain), inv_rms[i], out=logits[i]).div_(math.sqrt(dim))
         # Eq. 5 as an online softmax: each source is added to h while it is still in cache, and what was summed
         # so far is rescaled to the running maximum of the logits
         if i == 0:
-            running_max, total, h = logits[0].clone(), torch.ones_like(logits[0]), s.clone() if s is source else s
+            running_max, total = logits[0].clone(), torch.ones_like(logits[0])
+            h = s.clone() if s is source else s  # h must not alias a source
             continue
         new_max = torch.maximum(running_max, logits[i])
         rescale = (running_max - new_max).exp_()

@@ -378,7 +378,7 @@ def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypa
 
 
 def test_bf16_sources_are_saved_as_they_are():
-    """bf16 sources with float32 routing parameters (autocast): the backward keeps the sources and h, no float32 copy."""
+    """bf16 sources, float32 routing parameters (autocast): the backward keeps the sources and h, no float32 copy."""
     query, gain, *sources = mix_inputs("dynamic", n=5, dim=16, dtype=torch.float32)
     sources = [s.detach().bfloat16().requires_grad_() for s in sources]
     saved = []
