@@ -416,6 +416,18 @@ def test_compiled_dar_model_has_no_graph_break(query):
     assert any("dar.mix" in str(node.target) for graph in explanation.graphs for node in graph.graph.nodes)
 
 
+def test_compiled_cpu_kernel_computes_the_eager_gradients():
+    """AOTAutograd traces dar::mix through its fake and its registered backward (aot_eager: no C++ compile)."""
+    eager, compiled = (perturb(tiny("dar", "dynamic", chunk=4, kernel="cpu")).eval() for _ in range(2))
+    x, t, y = batch()
+    eager(x, t, y).pow(2).mean().backward()
+    torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
+    for (name, p), p_ref in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: tiny("highway"), "unknown router 'highway'.*residual, unet, dar"),
     (lambda: tiny("dar", query="learned"), "unknown query 'learned'.*static, timestep, dynamic"),
