@@ -5,20 +5,26 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op router --device cpu --batch 2 --repeats 5
     TRITON_INTERPRET=1 python bench.py --op router --device cpu --impls torch,triton --batch 1 --sources 4
     python bench.py --op step --threads 1                         # every router, 12 and 24 blocks deep
+    python bench.py --op sample --threads 1 --routers "dar static c4"  # sample.py's model evaluations
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
 256 tokens per image, d = 1152; N = 19 bounds chunk 4 (1 + M + S), 57 is dense), forward and backward, with
   torch    router.dar_mix, the plain PyTorch reference
-  compile  torch.compile of it (compiled during the warm-up, which is not timed)
+  compile  torch.compile of it (inductor; compiled at its first call, once per source count N)
+  cpu      router.cpu_dar_mix, the custom op with a hand-written backward (kernel "cpu", "auto" on CPU)
   triton   router_triton.fused_dar_mix, the fused kernel (CUDA; on CPU only in Triton's interpreter,
            TRITON_INTERPRET=1, which checks that the benchmark runs but whose times mean nothing)
+`first call s` is the first forward+backward of each implementation for each N, untimed otherwise: for
+compile, its compilation time.
 Memory: `saved` is what autograd keeps for the backward beyond the inputs and the output h, counted with
 saved_tensors_hooks (the same on every device); `peak` is the most memory allocated during the forward,
 or during forward+backward, above what was allocated before (CUDA: max_memory_allocated; CPU: the
 profiler's allocation events).
 
 --op step: one training step (forward, flow-matching loss, backward, AdamW) of a whole SiT under every
-router (residual, unet, dar static / timestep / dynamic at chunk 1, 4 and 8), same weights seed and batch,
+router (residual, unet, dar static / timestep / dynamic at chunk 1, 4 and 8; --routers picks some), with
+--precision bf16 under autocast, as train.py; --op sample: instead one velocity evaluation as sample.py makes
+them (eval mode, no grad, t = 0.5). Same weights seed and batch,
 for each --model (default the 12-block SiT-T/4 and the 24-block SiT-D/4). Beside the measured ratios to
 residual: the live sources (the most any consumer reads, and the sum N_l over the consumers that mix,
 l = 2..2L+1, counted from a traced forward; sublayer 1 reads v_0 alone) and the theoretical extra forward FLOPs: the matmuls torch's FLOP counter
@@ -35,9 +41,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import in_range
-from flow import flow_matching_loss
+from flow import flow_matching_loss, guided_velocity
 from model import SiT_models, create_model
-from router import KERNELS, QUERIES, RMS_EPS, Trace, dar_mix
+from router import KERNELS, QUERIES, RMS_EPS, Trace, cpu_dar_mix, dar_mix
 
 MIB = 2 ** 20
 
@@ -63,13 +69,17 @@ def parse_args(argv=None):
     router.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32",
                         help="dtype of the sources (accumulation is float32 for half precision)")
     router.add_argument("--impls", default=None,
-                        help="comma-separated from torch,compile,triton; default all that run on the device")
-    step = parser.add_argument_group("--op step")
+                        help="comma-separated from torch,compile,cpu,triton; default torch,compile and the "
+                             "device's own (triton on cuda, cpu on cpu)")
+    step = parser.add_argument_group("--op step and --op sample")
     step.add_argument("--model", default="SiT-T/4,SiT-D/4", help="comma-separated SiT configs (default %(default)s)")
     step.add_argument("--image-size", type=in_range(int, 1), default=32, help="(default %(default)s)")
     step.add_argument("--channels", type=in_range(int, 1), default=1, help="image channels (default %(default)s, Fashion-MNIST)")
     step.add_argument("--step-batch", type=in_range(int, 1), default=None, help="images per step; default 256 on cuda, 32 on cpu")
     step.add_argument("--kernel", default="auto", choices=KERNELS, help="DAR implementation, as train.py --kernel")
+    step.add_argument("--routers", default=None,
+                      help="comma-separated router labels as in the table (default all; residual is always run)")
+    step.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,6 +163,8 @@ def router_implementations(names, device):
             implementations[name] = lambda sources, query, gain: dar_mix(sources, query, gain)[0]
         elif name == "compile":
             implementations[name] = torch.compile(lambda sources, query, gain: dar_mix(sources, query, gain)[0])
+        elif name == "cpu":
+            implementations[name] = lambda sources, query, gain: cpu_dar_mix(sources, query, gain)[0]
         elif name == "triton":
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise SystemExit("--impls triton: the fused kernel needs --device cuda (or TRITON_INTERPRET=1 "
@@ -161,7 +173,7 @@ def router_implementations(names, device):
             implementations[name] = lambda sources, query, gain: fused_dar_mix(
                 sources, query, gain, RMS_EPS, return_alpha=False)[0]
         else:
-            raise SystemExit(f"--impls: unknown implementation {name!r}; choose from torch, compile, triton")
+            raise SystemExit(f"--impls: unknown implementation {name!r}; choose from torch, compile, cpu, triton")
     return implementations
 
 
@@ -182,7 +194,7 @@ def bench_router(args):
     device = torch.device(args.device)
     if args.batch is None:
         args.batch = 32 if device.type == "cuda" else 2
-    names = (args.impls or ("torch,compile,triton" if device.type == "cuda" else "torch,compile")).split(",")
+    names = (args.impls or ("torch,compile,triton" if device.type == "cuda" else "torch,compile,cpu")).split(",")
     if names[0] != "torch":
         names = ["torch"] + [name for name in names if name != "torch"]  # the reference of every ratio
     implementations = router_implementations(names, device)
@@ -201,6 +213,13 @@ def bench_router(args):
             return torch.autograd.grad(forward(implementation), leaves, grad_h)
 
         times = {name: {"fwd": [], "bwd": [], "total": []} for name in implementations}
+        first_call = {}  # seconds: for compile, its compilation for this N (a new N is a recompile)
+        for name, implementation in implementations.items():
+            synchronize(device)
+            start = time.perf_counter()
+            forward_backward(implementation)
+            synchronize(device)
+            first_call[name] = time.perf_counter() - start
         for repeat in range(args.warmup + args.repeats):
             for name, implementation in implementations.items():
                 synchronize(device)
@@ -224,12 +243,13 @@ def bench_router(args):
             stats[name]["peak total"] = peak_bytes(lambda: forward_backward(implementation), device) / MIB
         reference = stats["torch"]
         for name, row in stats.items():
-            rows.append([name, str(n)]
+            rows.append([name, str(n), f"{first_call[name]:.2f}"]
                         + [f"{row[key]:.2f} ({speedup(row[key], reference[key])})" for key in ("fwd", "bwd", "total")]
                         + [f"{row[key]:.1f} ({change(row[key], reference[key])})"
                            for key in ("saved", "peak fwd", "peak total")])
-    print_table(["impl", "N", "fwd ms", "bwd ms", "fwd+bwd ms", "saved for bwd MiB", "peak fwd MiB",
+    print_table(["impl", "N", "first call s", "fwd ms", "bwd ms", "fwd+bwd ms", "saved for bwd MiB", "peak fwd MiB",
                  "peak fwd+bwd MiB"], rows)
+    return rows
 
 
 #################################################################################
@@ -264,15 +284,25 @@ def live_sources(model, x, t, y):
 
 
 def bench_step(args):
+    """--op step (a training step) and --op sample (one of sample.py's velocity evaluations) under every router."""
     device = torch.device(args.device)
     batch = args.step_batch or (256 if device.type == "cuda" else 32)
     names = args.model.split(",")
     for name in names:
         if name not in SiT_models:
             raise SystemExit(f"--model {name!r}: choose from {', '.join(SiT_models)}")
+    labels = [label for label, *_ in STEP_VARIANTS]
+    chosen = ["residual"] + [label for label in (args.routers or ",".join(labels)).split(",") if label != "residual"]
+    for label in chosen:
+        if label not in labels:
+            raise SystemExit(f"--routers {label!r}: choose from {', '.join(labels)}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"training step, {where}: batch {batch} of {args.channels} x {args.image_size}^2 images; medians of "
-          f"{args.repeats} interleaved repeats after {args.warmup} warm-up; ratios to residual")
+    what = "training step" if args.op == "step" else "sampling (one model evaluation, no grad)"
+    print(f"{what}, {where}, {args.precision}, kernel {args.kernel}: batch {batch} of {args.channels} x "
+          f"{args.image_size}^2 images; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
+          f"ratios to residual")
+    tables = {}
     for name in names:
         generator = torch.Generator().manual_seed(args.seed)
         x = torch.randn(batch, args.channels, args.image_size, args.image_size, generator=generator).to(device)
@@ -281,22 +311,31 @@ def bench_step(args):
         y = torch.randint(0, 10, (batch,), generator=generator).to(device)
         variants = {}
         for label, router, query, chunk in STEP_VARIANTS:
-            model = step_model(args, name, router, query, chunk, device)
-            variants[label] = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                                   flops=matmul_flops(model, x, t, y), sources=live_sources(model, x, t, y),
-                                   times=[])
+            if label in chosen:
+                model = step_model(args, name, router, query, chunk, device)
+                variants[label] = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                       velocity=guided_velocity(model.eval() if args.op == "sample" else model, y),
+                                       flops=matmul_flops(model, x, t, y), sources=live_sources(model, x, t, y),
+                                       times=[])
 
         def train_step(variant):
-            loss = flow_matching_loss(variant["model"], x, y, t, noise)[0].mean()
+            with autocast:
+                loss = flow_matching_loss(variant["model"], x, y, t, noise)[0].mean()
             variant["optimizer"].zero_grad(set_to_none=True)
             loss.backward()
             variant["optimizer"].step()
 
+        @torch.no_grad()
+        def sample_step(variant):
+            with autocast:
+                variant["velocity"](x, 0.5)
+
+        run = train_step if args.op == "step" else sample_step
         for repeat in range(args.warmup + args.repeats):
             for variant in variants.values():
                 synchronize(device)
                 start = time.perf_counter()
-                train_step(variant)
+                run(variant)
                 synchronize(device)
                 if repeat >= args.warmup:
                     variant["times"].append(time.perf_counter() - start)
@@ -305,7 +344,7 @@ def bench_step(args):
         rows, reference = [], variants["residual"]
         for label, variant in variants.items():
             variant["time"] = statistics.median(variant["times"])
-            variant["peak"] = peak_bytes(lambda: train_step(variant), device) / MIB
+            variant["peak"] = peak_bytes(lambda: run(variant), device) / MIB
             most, total = variant["sources"]
             extra = variant["flops"] - reference["flops"] + 6 * width * total * tokens * batch  # Eq. 5 mixing
             rows.append([label, str(most) if most else "-", str(total) if total else "-",
@@ -313,16 +352,18 @@ def bench_step(args):
                          f"{1e3 * variant['time']:.0f}", f"{variant['time'] / reference['time']:.2f}x",
                          f"{variant['peak']:.0f}", f"{variant['peak'] / reference['peak']:.2f}x"])
         print(f"\n{name}: depth {depth} (2L + 1 = {2 * depth + 1} consumers), width {width}, {tokens} tokens")
-        print_table(["router", "max N_l", "sum N_l", "extra fwd FLOPs (theory)", "step ms", "time vs residual",
+        print_table(["router", "max N_l", "sum N_l", "extra fwd FLOPs (theory)", f"{args.op} ms", "time vs residual",
                      "peak MiB", "peak vs residual"], rows)
+        tables[name] = rows
+    return tables
 
 
-OPS = {"router": bench_router, "step": bench_step}
+OPS = {"router": bench_router, "step": bench_step, "sample": bench_step}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    OPS[args.op](args)
+    return OPS[args.op](args)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ class FinalLayer(nn.Module):
 
 class SiT(nn.Module):
     """SiT backbone. `router`, `query`, `chunk` (and `logit_scale`, an ablation) choose the cross-layer
-    routing (router.build_router); `kernel` ("auto", "torch", "triton") how DAR computes it (router.mix_sources)."""
+    routing (router.build_router); `kernel` ("auto", "torch", "cpu", "triton") how DAR computes it
+    (router.mix_sources)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False,

@@ -1,13 +1,13 @@
 """The fused DAR aggregation (paper Eq. 5, Appendix E): Triton forward and backward kernels in one autograd Function.
 
     from router_triton import fused_dar_mix
-    h, alpha = fused_dar_mix(sources, query, gain, eps=1e-6, return_alpha=True)   # the contract of router.dar_mix
+    h, alpha = fused_dar_mix(sources, query, gain, eps, return_alpha=True)   # same contract as router.dar_mix
 
 router.py calls this when a DAR model is built with kernel="triton" (or "auto" on CUDA); it imports this file
 only then, so nothing else in the project needs triton. On CPU the kernels run in Triton's interpreter, which
 triton selects when a kernel is defined: set TRITON_INTERPRET=1 before this file is first imported (tests).
 
-What one consumer computes, per token, over its N sources s_i (docs/method.md section 3; eps is the RMSNorm epsilon, router.RMS_EPS):
+What one consumer computes, per token, over its N sources s_i (docs/method.md section 3; eps: the RMSNorm's):
     k_i = g * s_i / rms(s_i),  z_i = q . k_i / sqrt(d),  alpha = softmax_i(z),  h = sum_i alpha_i s_i
 The forward kernel streams the sources once with an online softmax (running max m, running sum l, running
 weighted sum of the raw sources), so the normalized keys, logits and weights stay in registers (the logits
@@ -30,12 +30,17 @@ Memory, per consumer (B samples, T tokens, width d, N sources):
     as soon as autograd has used it) plus per-block partial sums [B, blocks, d] for the query and the gain;
     no [N, tokens, d] intermediate.
 Precision: bf16/fp16 inputs are accumulated in float32, float64 stays float64; h, alpha and lse come out in
-that accumulation dtype, as dar_mix's do. Offsets are 64-bit, so tokens x d x N may pass 2^31.
+that accumulation dtype, as dar_mix's do. bf16 sources stay bf16, also in what is saved for the backward: the
+router hands over every source in one dtype (under autocast it casts v_0, the only float32 one, once per
+forward pass). Offsets are 64-bit, so tokens x d x N may pass 2^31.
+torch.compile: fused_mix and its backward are custom ops (dar::fused_mix, dar::fused_mix_backward) whose real
+implementations launch the kernels, so a compiled DAR model is one graph that calls them.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
-
 
 INTERPRETED = triton.knobs.runtime.interpret  # what triton.jit saw when the kernels below were defined
 GPU_TILE = 4096  # elements of one [tokens, d] register tile on a GPU
@@ -140,19 +145,19 @@ def _mix_backward_kernel(
         tl.store(grad_query + partial, tl.sum(grad_query_gain, axis=0), mask=col_ok)
 
 
-@torch.compiler.disable
 def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=None):
     """Eq. 5 for one consumer, as router.dar_mix: returns h [B, T, d] and alpha [B, T, N] (None unless
     return_alpha). sources: list of N tensors [B, T, d]; query: [d] (static), [B, 1, d] (one per sample,
-    the timestep query) or [B, T, d] (dynamic); gain: [d]. alpha is not differentiable (it is for traces).
-    block_tokens: tokens per program (a power of two), chosen from the tile size when None.
-    Under torch.compile this call is a graph break: the offset table needs the sources' real addresses."""
+    the timestep query) or [B, T, d] (dynamic); gain: [d]; eps: the RMSNorm's. alpha is not differentiable
+    (it is for traces). block_tokens: tokens per program (a power of two), chosen from the tile size when None.
+    Sources of one dtype are read where they are; mixed dtypes are first promoted to a common one (copies).
+    The custom op dar::fused_mix carries its autograd, so torch.compile captures the call without a graph break."""
     _check_inputs(sources, query, gain)
     dtype = sources[0].dtype
     for s in sources[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
     sources = [s.to(dtype).contiguous() for s in sources]  # a no-op for the router's own sources
-    h, alpha = _FusedDARMix.apply(query, gain, eps, block_tokens, return_alpha, *sources)
+    h, _, alpha = torch.ops.dar.fused_mix(sources, query, gain, eps, return_alpha, block_tokens)
     return h, (alpha if return_alpha else None)
 
 
@@ -200,40 +205,71 @@ def is_per_token(query, tokens):
     return query.dim() == 3 and query.shape[1] == tokens and tokens > 1
 
 
-class _FusedDARMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, gain, eps, block_tokens, store_alpha, *sources):
-        batch, tokens, dim = sources[0].shape
-        acc_dtype = accumulation_dtype(sources[0], query, gain)
-        out = sources[0].new_empty((batch, tokens, dim), dtype=acc_dtype)
-        lse = sources[0].new_empty((batch, tokens), dtype=acc_dtype)
-        alpha = sources[0].new_empty((batch, tokens, len(sources)) if store_alpha else (0,), dtype=acc_dtype)
-        mix_forward(sources, query, gain, eps, out, lse, alpha if store_alpha else None, block_tokens)
-        if store_alpha:
-            alpha.sub_(lse[..., None]).exp_()  # the kernel stored the logits z_i: alpha_i = exp(z_i - lse)
-        ctx.save_for_backward(query, gain, out, lse, *sources)
-        ctx.eps, ctx.block_tokens = eps, block_tokens
-        ctx.mark_non_differentiable(alpha)
-        return out, alpha
+@torch.library.custom_op("dar::fused_mix", mutates_args=())
+def _fused_mix(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, eps: float, store_alpha: bool,
+               block_tokens: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, lse, alpha), alpha empty unless store_alpha; all in the accumulation dtype."""
+    out, lse, alpha = _fused_mix_outputs(sources, query, gain, store_alpha)
+    mix_forward(sources, query, gain, eps, out, lse, alpha if store_alpha else None, block_tokens)
+    if store_alpha:
+        alpha.sub_(lse[..., None]).exp_()  # the kernel stored the logits z_i: alpha_i = exp(z_i - lse)
+    return out, lse, alpha
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_alpha):
-        query, gain, out, lse, *sources = ctx.saved_tensors
-        batch, tokens, dim = sources[0].shape
-        blocks = num_token_blocks(tokens, dim, ctx.block_tokens)
-        grad_sources = [torch.empty_like(s) for s in sources]
-        grad_gain_partial = lse.new_empty((batch, blocks, dim))
-        per_token = is_per_token(query, tokens)
-        grad_query = torch.empty_like(query) if per_token else lse.new_empty((batch, blocks, dim))
-        mix_backward(sources, query, gain, ctx.eps, out, lse, grad_out.contiguous(), grad_sources,
-                     grad_query, grad_gain_partial, ctx.block_tokens)
-        if not per_token:  # dq = g * sum over the tokens that share the query of dLoss/d(q * g)
-            per_sample = grad_query.sum(dim=1, keepdim=True)
-            grad_query = (per_sample.sum(dim=0).flatten() if query.dim() == 1 else per_sample) * gain
-        grad_gain = grad_gain_partial.sum(dim=(0, 1)).to(gain.dtype)
-        needs = ctx.needs_input_grad
-        return (grad_query.to(query.dtype) if needs[0] else None, grad_gain if needs[1] else None, None, None, None,
-                *(g if need else None for g, need in zip(grad_sources, needs[5:])))
+
+@_fused_mix.register_fake
+def _(sources, query, gain, eps, store_alpha, block_tokens):
+    return _fused_mix_outputs(sources, query, gain, store_alpha)
+
+
+def _fused_mix_outputs(sources, query, gain, store_alpha):
+    batch, tokens, dim = sources[0].shape
+    acc_dtype = accumulation_dtype(sources[0], query, gain)
+    out = sources[0].new_empty((batch, tokens, dim), dtype=acc_dtype)
+    lse = sources[0].new_empty((batch, tokens), dtype=acc_dtype)
+    alpha = sources[0].new_empty((batch, tokens, len(sources)) if store_alpha else (0,), dtype=acc_dtype)
+    return out, lse, alpha
+
+
+@torch.library.custom_op("dar::fused_mix_backward", mutates_args=())
+def _fused_mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, grad_out: torch.Tensor, eps: float,
+                        block_tokens: Optional[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(the gradient of every source, of the query, of the gain)."""
+    batch, tokens, dim = sources[0].shape
+    blocks = num_token_blocks(tokens, dim, block_tokens)
+    grad_sources = [torch.empty_like(s) for s in sources]
+    grad_gain_partial = lse.new_empty((batch, blocks, dim))
+    per_token = is_per_token(query, tokens)
+    grad_query = torch.empty_like(query) if per_token else lse.new_empty((batch, blocks, dim))
+    mix_backward(sources, query, gain, eps, out, lse, grad_out.contiguous(), grad_sources, grad_query,
+                 grad_gain_partial, block_tokens)
+    if not per_token:  # dq = g * sum over the tokens that share the query of dLoss/d(q * g)
+        per_sample = grad_query.sum(dim=1, keepdim=True)
+        grad_query = (per_sample.sum(dim=0).flatten() if query.dim() == 1 else per_sample) * gain
+    return grad_sources, grad_query.to(query.dtype), grad_gain_partial.sum(dim=(0, 1)).to(gain.dtype)
+
+
+@_fused_mix_backward.register_fake
+def _(sources, query, gain, out, lse, grad_out, eps, block_tokens):
+    return [torch.empty_like(s) for s in sources], torch.empty_like(query), torch.empty_like(gain)
+
+
+def _save_for_fused_backward(ctx, inputs, output):
+    sources, query, gain, eps, _, block_tokens = inputs
+    out, lse, alpha = output
+    ctx.save_for_backward(query, gain, out, lse, *sources)
+    ctx.eps, ctx.block_tokens = eps, block_tokens
+    ctx.mark_non_differentiable(lse, alpha)
+
+
+def _fused_gradients(ctx, grad_out, *_):
+    query, gain, out, lse, *sources = ctx.saved_tensors
+    grad_sources, grad_query, grad_gain = torch.ops.dar.fused_mix_backward(
+        sources, query, gain, out, lse, grad_out, ctx.eps, ctx.block_tokens)
+    return grad_sources, grad_query, grad_gain, None, None, None
+
+
+_fused_mix.register_autograd(_fused_gradients, setup_context=_save_for_fused_backward)
 
 
 def _check_inputs(sources, query, gain):

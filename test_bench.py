@@ -3,6 +3,11 @@
 Run: python -m pytest -q test_bench.py
 """
 import math
+import os
+import subprocess
+
+import pytest
+import torch
 
 import bench
 
@@ -36,3 +41,29 @@ def test_step_bench_lists_every_router_with_spec_source_counts(capsys):
     assert extra("dar static c4") == extra("dar timestep c4")  # the timestep query adds no matmul
     # The dynamic query adds (2L + 1) d x d projections per token: about 2 d^2 (2L + 1) FLOPs.
     assert extra("dar dynamic c4") > extra("dar static c4") + 10
+
+
+def test_sample_bench_times_the_chosen_routers_under_bf16(capsys):
+    bench.main(["--op", "sample", "--model", "SiT-T/8", "--step-batch", "2", "--repeats", "1", "--warmup", "0",
+                "--device", "cpu", "--routers", "dar static c4", "--precision", "bf16"])
+    out = capsys.readouterr().out
+    assert "sampling (one model evaluation, no grad)" in out and "bf16" in out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["router", "---", "residual", "dar static c4"]
+
+
+def test_router_bench_runs_the_cpu_op(capsys):
+    rows = bench.main(["--op", "router", "--device", "cpu", "--batch", "2", "--tokens", "5", "--dim", "24",
+                       "--sources", "3", "--impls", "torch,cpu", "--repeats", "1", "--warmup", "0"])
+    assert [row[:2] for row in rows] == [["torch", "3"], ["cpu", "3"]]
+    assert "(-" in rows[1][6] or "(+0.0%)" in rows[1][6]  # the op saves less for the backward than dar_mix
+
+
+def test_gpu_checks_skip_in_one_line_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bash .ci/gpu would run the checks")
+    result = subprocess.run(["bash", ".ci/gpu"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == ["SKIPPED: bash .ci/gpu needs a CUDA GPU and this machine has none; "
+                                          "nothing was run"]

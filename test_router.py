@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from model import SiT, create_model, load_backbone, modulate
-from router import REPAProjector, Trace, build_router, dar_mix, repa_loss
+import router
+from router import REPAProjector, Trace, build_router, cpu_dar_mix, dar_mix, repa_loss
 
 DEPTH, WIDTH = 3, 16  # 2L = 6 sublayers
 
@@ -141,8 +142,8 @@ def test_number_of_sources_matches_the_chunk_rule(chunk):
 
 def test_chunked_route_keeps_only_live_sources():
     L, S, d = 12, 4, 8
-    router = build_router("dar", depth=L, hidden_size=d, chunk=S)
-    route = router.start(torch.randn(1, 3, d), t_emb=None)
+    dar = build_router("dar", depth=L, hidden_size=d, chunk=S)
+    route = dar.start(torch.randn(1, 3, d), t_emb=None)
     most = 0
     for _ in range(2 * L):
         route.read(None, None)
@@ -158,9 +159,9 @@ def test_one_seed_gives_one_backbone_under_every_router():
     def backbone(model):
         return {k: v for k, v in model.state_dict().items() if not k.startswith("router.")}
     reference = backbone(tiny("residual"))
-    for router, query in (("unet", "static"), ("dar", "static"), ("dar", "dynamic")):
-        for name, tensor in backbone(tiny(router, query, chunk=2)).items():
-            assert torch.equal(tensor, reference[name]), (router, query, name)
+    for name_of_router, query in (("unet", "static"), ("dar", "static"), ("dar", "dynamic")):
+        for name, tensor in backbone(tiny(name_of_router, query, chunk=2)).items():
+            assert torch.equal(tensor, reference[name]), (name_of_router, query, name)
 
 
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
@@ -236,9 +237,10 @@ def test_timestep_query_routes_as_static_at_init_and_depends_on_t_after_training
         return out, trace
     (out_t, trace_t), (out_s, trace_s) = routing(timestep), routing(static)
     assert out_s.abs().max() > 1e-3  # a live model: the comparison below is not between zeros
-    torch.testing.assert_close(out_t, out_s, rtol=0, atol=0)
+    # equal up to rounding: a [d] query and a [B, 1, d] one take different matrix products
+    torch.testing.assert_close(out_t, out_s, rtol=0, atol=1e-12)
     for a, b in zip(trace_t.alpha + trace_t.hidden, trace_s.alpha + trace_s.hidden):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     with torch.no_grad():  # the check can fail: a non-zero e(t) moves the timestep query's weights
         timestep.t_embedder.mlp[2].bias.add_(0.5)
         static.t_embedder.mlp[2].bias.add_(0.5)
@@ -376,6 +378,101 @@ def test_residual_weights_load_into_dar_with_fresh_router(query):
         torch.testing.assert_close(state[name], value, rtol=0, atol=0)
     with pytest.raises(ValueError, match="missing"):
         load_backbone(dar, {k: v for k, v in residual.state_dict().items() if "blocks.1." not in k})
+
+
+def mix_inputs(kind, n=4, batch=2, tokens=3, dim=5, dtype=torch.float64, seed=0):
+    """Sources of different scales and a query large enough for a peaked softmax, as leaves."""
+    gen = torch.Generator().manual_seed(seed)
+    sources = [torch.randn(batch, tokens, dim, generator=gen, dtype=dtype) * 3.0 ** (i % 3 - 1) for i in range(n)]
+    shape = {"static": (dim,), "timestep": (batch, 1, dim), "dynamic": (batch, tokens, dim)}[kind]
+    query = 3 * torch.randn(shape, generator=gen, dtype=dtype)
+    gain = 1 + 0.5 * torch.randn(dim, generator=gen, dtype=dtype)
+    return [t.requires_grad_() for t in (query, gain, *sources)]
+
+
+@pytest.mark.parametrize("kind", ["static", "timestep", "dynamic"])
+def test_cpu_dar_mix_matches_dar_mix_and_passes_gradcheck(kind):
+    query, gain, *sources = leaves = mix_inputs(kind)
+    h, alpha = cpu_dar_mix(sources, query, gain)
+    h_ref, alpha_ref = dar_mix(sources, query, gain)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(alpha, alpha_ref, rtol=0, atol=1e-12)
+    assert alpha.std() > 0.1  # far from uniform: the logits are really tested
+    grad_h = torch.randn_like(h)
+    for grad, grad_ref in zip(torch.autograd.grad(h, leaves, grad_h), torch.autograd.grad(h_ref, leaves, grad_h)):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda q, g, *s: cpu_dar_mix(list(s), q, g)[0], leaves)
+
+
+@pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
+@pytest.mark.parametrize("chunk", [1, 4, 8, 5])
+def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
+    """Whole models (every sublayer and the final aggregator): the same output and parameter gradients."""
+    models = {kernel: perturb(tiny("dar", query, chunk, kernel=kernel)) for kernel in ("torch", "cpu")}
+    calls = []
+    monkeypatch.setattr(router, "cpu_dar_mix", lambda *args: calls.append(1) or cpu_dar_mix(*args))
+    x, t, y = batch()
+    outputs = {}
+    for kernel, model in models.items():
+        torch.manual_seed(0)  # the label dropout
+        outputs[kernel] = model(x, t, y)
+        F.mse_loss(outputs[kernel], x).backward()
+    assert len(calls) == 2 * DEPTH  # consumers 2..2L+1: sublayer 1 reads v_0 alone
+    torch.testing.assert_close(outputs["cpu"], outputs["torch"], rtol=0, atol=1e-12)
+    for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bf16_sources_are_saved_as_they_are():
+    """bf16 sources, float32 routing parameters (autocast): the backward keeps the sources and h, no float32 copy."""
+    query, gain, *sources = mix_inputs("dynamic", n=5, dim=16, dtype=torch.float32)
+    sources = [s.detach().bfloat16().requires_grad_() for s in sources]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h, _ = cpu_dar_mix(sources, query, gain)
+    big = {t.data_ptr(): t.dtype for t in saved if t.shape == h.shape and t is not query}  # the query is [B, T, d]
+    assert big == {h.data_ptr(): torch.float32, **{s.data_ptr(): torch.bfloat16 for s in sources}}
+    h_ref, _ = dar_mix(sources, query, gain)
+    grads = torch.autograd.grad(h, [query, gain, *sources], torch.ones_like(h))
+    grads_ref = torch.autograd.grad(h_ref, [query, gain, *sources], torch.ones_like(h))
+    assert h.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads[2:])
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpu"])
+def test_under_autocast_every_source_is_bf16(kernel, monkeypatch):
+    """v_0 comes out of the patch embedding in float32 (the position embedding is): the router casts it once."""
+    model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel=kernel))
+    dtypes = []
+    mix = router.mix_sources
+    monkeypatch.setattr(router, "mix_sources", lambda sources, *args, **kwargs: dtypes.append(
+        {s.dtype for s in sources}) or mix(sources, *args, **kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*batch(dtype=torch.float32)).float().pow(2).mean().backward()
+    assert dtypes == [{torch.bfloat16}] * (2 * DEPTH)  # consumers 2..2L+1
+
+
+@pytest.mark.parametrize("query", ["timestep", "dynamic"])
+def test_compiled_dar_model_has_no_graph_break(query):
+    model = perturb(tiny("dar", query, chunk=4, dtype=torch.float32, kernel="cpu"))
+    explanation = torch._dynamo.explain(model)(*batch(dtype=torch.float32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert any("dar.mix" in str(node.target) for graph in explanation.graphs for node in graph.graph.nodes)
+
+
+def test_compiled_cpu_kernel_computes_the_eager_gradients():
+    """AOTAutograd traces dar::mix through its fake and its registered backward (aot_eager: no C++ compile)."""
+    eager, compiled = (perturb(tiny("dar", "dynamic", chunk=4, kernel="cpu")).eval() for _ in range(2))
+    x, t, y = batch()
+    eager(x, t, y).pow(2).mean().backward()
+    torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
+    for (name, p), p_ref in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("make,match", [

@@ -123,7 +123,7 @@ def test_kernels_write_every_output_element_and_nothing_else(kind):
 
     buffer, (h, lse, logits) = guarded_nan_views([(batch, tokens, dim), (batch, tokens), (batch, tokens, n)],
                                                  torch.float64)
-    router_triton.mix_forward(sources, query, gain, 1e-6, h, lse, logits, block_tokens)
+    router_triton.mix_forward(sources, query, gain, RMS_EPS, h, lse, logits, block_tokens)
     assert_all_written_and_nothing_else(buffer, [h, lse, logits])
     assert_close(h, h_ref, 1e-10)
     assert_close((logits - lse[..., None]).exp(), alpha_ref, 1e-10)
@@ -132,7 +132,7 @@ def test_kernels_write_every_output_element_and_nothing_else(kind):
     query_grad_shape = (batch, tokens, dim) if kind == "per-token" else (batch, blocks, dim)
     buffer, (grad_query, grad_gain_partial, *grad_sources) = guarded_nan_views(
         [query_grad_shape, (batch, blocks, dim)] + [(batch, tokens, dim)] * n, torch.float64)
-    router_triton.mix_backward(sources, query, gain, 1e-6, h, lse, grad_h, grad_sources, grad_query,
+    router_triton.mix_backward(sources, query, gain, RMS_EPS, h, lse, grad_h, grad_sources, grad_query,
                                grad_gain_partial, block_tokens)
     assert_all_written_and_nothing_else(buffer, [grad_query, grad_gain_partial, *grad_sources])
 
@@ -179,8 +179,8 @@ def test_training_step_matches_torch_kernel(chunk, query, monkeypatch):
             assert_close(parameter.grad, reference_grads[name].grad, 1e-9)
 
 
-def test_torch_compile_runs_the_kernel_eagerly_inside_a_compiled_model():
-    """train.py --compile --kernel triton: the fused call is a graph break, forward and backward still match."""
+def test_torch_compile_runs_the_kernel_inside_a_compiled_model():
+    """train.py --compile --kernel triton: the custom op in the compiled graph, forward and backward match."""
     reference = tiny_dar_model("dynamic", 2, "torch").float().eval()  # eval: no label dropout to reproduce
     fused = tiny_dar_model("dynamic", 2, "triton").float().eval()
     x, t, y = torch.randn(2, 1, 8, 8, device=DEVICE), torch.rand(2, device=DEVICE), torch.tensor([0, 3], device=DEVICE)
@@ -192,6 +192,26 @@ def test_torch_compile_runs_the_kernel_eagerly_inside_a_compiled_model():
     for parameter, parameter_ref in zip(fused.parameters(), reference.parameters()):
         if parameter_ref.grad is not None:
             assert_close(parameter.grad, parameter_ref.grad, 1e-5)
+
+
+def test_compiled_model_has_no_graph_break():
+    model = tiny_dar_model("dynamic", 4, "triton").float()
+    x, t, y = torch.randn(2, 1, 8, 8, device=DEVICE), torch.rand(2, device=DEVICE), torch.tensor([0, 3], device=DEVICE)
+    explanation = torch._dynamo.explain(model)(x, t, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    ops = [str(node.target) for graph in explanation.graphs for node in graph.graph.nodes]
+    assert sum("dar.fused_mix" in op for op in ops) == 2 * 3  # consumers 2..2L+1
+
+
+def test_bfloat16_sources_are_saved_without_float32_copies():
+    """Under autocast the router hands over bf16 sources: the backward keeps them and h, no float32 copy."""
+    (query, gain, *sources), _ = make_inputs(5, 2, 9, 96, "static", torch.bfloat16)
+    query, gain = (t.detach().float().requires_grad_() for t in (query, gain))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h, _ = fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=False)
+    big = {t.data_ptr(): t.dtype for t in saved if t.shape == h.shape}
+    assert big == {h.data_ptr(): torch.float32, **{s.data_ptr(): torch.bfloat16 for s in sources}}
 
 
 def test_trace_alpha_matches_torch_kernel():
@@ -217,16 +237,18 @@ def test_kernel_choice_errors():
         fused_dar_mix(sources, torch.zeros(1, 3, 8, device=DEVICE), torch.ones(8, device=DEVICE), RMS_EPS)
 
 
-def test_auto_never_imports_triton_on_cpu_and_triton_without_interpreter_says_why():
+def test_auto_runs_without_triton_on_cpu_and_triton_without_interpreter_says_why():
     script = """
 import sys, torch
 from model import SiT
 def run(kernel):
     model = SiT(input_size=4, patch_size=2, in_channels=1, hidden_size=8, depth=1, num_heads=2, num_classes=2,
                 router="dar", kernel=kernel)
-    model(torch.randn(1, 1, 4, 4), torch.rand(1), torch.zeros(1, dtype=torch.long))
+    model(torch.randn(1, 1, 4, 4), torch.rand(1), torch.zeros(1, dtype=torch.long)).sum().backward()
+sys.modules["triton"] = None  # as if triton were not installed: importing it raises ImportError
 run("auto")
-assert "triton" not in sys.modules and "router_triton" not in sys.modules
+assert "router_triton" not in sys.modules
+del sys.modules["triton"]
 try:
     run("triton")
 except RuntimeError as error:

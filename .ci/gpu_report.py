@@ -1,0 +1,84 @@
+"""The GPU checks behind `bash .ci/gpu`, summarized in one markdown table (details in results/gpu-ci/*.log).
+
+1. the fused kernel's tests compiled: TRITON_INTERPRET=0 python -m pytest -q test_router_triton.py
+2. bench.py --op router at the paper's sizes (d 1152, 256 tokens, batch 32, N 19 and 57, fp32 and bf16):
+   the fused kernel against dar_mix (paper, N 57: forward 22.5 -> 1.96 ms, backward 115.8 -> 13.6 ms,
+   activation memory -78.7% forward / -74.6% backward)
+3. bench.py --op step: SiT-XL/2, batch 32, bf16, residual vs DAR static chunk 4 and dense
+4. a 50-step training run with --compile --precision bf16 (SiT-B/2, DAR static chunk 4, bundled Fashion-MNIST)
+Each check runs even when an earlier one failed; the exit status is 1 if any failed.
+"""
+import contextlib
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bench
+
+LOGS = Path("results/gpu-ci")
+
+
+def run(name, command):
+    """Run a command, log its output; (exit status, last line, seconds)."""
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    (LOGS / f"{name}.log").write_text(result.stdout + result.stderr)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return result.returncode, (lines[-1] if lines else ""), time.time() - start
+
+
+def in_process(name, argv):
+    """bench.main(argv) with its printed tables logged; returns what it returns."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        result = bench.main(argv)
+    (LOGS / f"{name}.log").write_text(output.getvalue())
+    return result
+
+
+def main():
+    LOGS.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], False
+
+    status, last, seconds = run("kernel-tests", [sys.executable, "-m", "pytest", "-q", "test_router_triton.py"])
+    failed |= status != 0
+    rows.append(["kernel tests, compiled", "`TRITON_INTERPRET=0 python -m pytest -q test_router_triton.py`",
+                 f"{'ok' if status == 0 else 'FAILED'}: {last} ({seconds:.0f} s)"])
+
+    for dtype in ("float32", "bfloat16"):
+        argv = ["--op", "router", "--device", "cuda", "--batch", "32", "--tokens", "256", "--dim", "1152",
+                "--sources", "19,57", "--dtype", dtype, "--impls", "torch,triton"]
+        table = in_process(f"router-{dtype}", argv)
+        for n in ("19", "57"):
+            plain, fused = (next(row for row in table if row[:2] == [impl, n]) for impl in ("torch", "triton"))
+            times = "; ".join(f"{what} {plain[col].split()[0]} -> {fused[col].split()[0]} ms "
+                              f"{fused[col].split()[1]}" for what, col in (("fwd", 3), ("bwd", 4)))
+            memory = "; ".join(f"{what} {fused[col].split()[1].strip('()')}"
+                               for what, col in (("saved", 6), ("peak fwd", 7), ("peak fwd+bwd", 8)))
+            rows.append([f"DAR mix N {n}, {dtype}: dar_mix -> kernel", f"`python bench.py {' '.join(argv)}`",
+                         f"{times}; memory {memory}"])
+
+    argv = ["--op", "step", "--device", "cuda", "--model", "SiT-XL/2", "--step-batch", "32", "--image-size", "32",
+            "--channels", "4", "--precision", "bf16", "--routers", "dar static c4,dar static c1"]
+    for name, step_rows in in_process("step", argv).items():
+        for row in step_rows[1:]:
+            rows.append([f"{name} training step, bf16, batch 32: {row[0]}",
+                         f"`python bench.py {' '.join(repr(a) if ' ' in a else a for a in argv)}`",
+                         f"{row[5]} residual's time ({row[4]} ms), peak memory {row[7]}"])
+
+    command = [sys.executable, "train.py", "--model", "SiT-B/2", "--router", "dar", "--chunk", "4", "--max-steps",
+               "50", "--compile", "--precision", "bf16", "--sample-grid", "0", "--results-dir", str(LOGS / "train"),
+               "--run-name", f"smoke-{int(time.time())}"]
+    status, last, seconds = run("train", command)
+    failed |= status != 0
+    rows.append(["50 training steps, --compile, bf16", f"`python {' '.join(command[1:])}`",
+                 f"{'ok' if status == 0 else 'FAILED'}: {last} ({seconds:.0f} s)"])
+
+    bench.print_table(["check", "command", "result"], rows)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
