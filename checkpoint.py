@@ -49,11 +49,12 @@ def first_line(err):
 
 
 def write_atomically(path, write, what, hint=""):
-    """Fill `path` through the temp file .<name>.tmp beside it (write(file), flush, fsync, rename): a kill
-    leaves the old file (or none) and at worst the temp file. A failed write (a full disk) removes the temp
+    """Fill `path` through the temp file .<name>.<pid>.tmp beside it (write(file), flush, fsync, rename; the pid
+    keeps processes that write the same file apart): a kill leaves the old file (or none) and at worst the
+    temp file. A failed write (a full disk) removes the temp
     file and is an OSError naming `what`, the path and the cause, followed by `hint`."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as f:
             write(f)
@@ -114,11 +115,16 @@ def latest_checkpoint(run_dir):
     return str(found[-1]) if found else None
 
 
-def newest_checkpoint(results_dir):
-    """The most recently written of the runs' latest checkpoints under results_dir/*/checkpoints, or None."""
+def latest_checkpoints(results_dir):
+    """The latest checkpoint of every run under results_dir (results_dir/<run>/checkpoints), in run order."""
     root = Path(results_dir)
     runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    found = [c for c in (latest_checkpoint(run) for run in runs) if c is not None]
+    return [c for c in (latest_checkpoint(run) for run in runs) if c is not None]
+
+
+def newest_checkpoint(results_dir):
+    """The most recently written of the runs' latest checkpoints under results_dir, or None."""
+    found = latest_checkpoints(results_dir)
     return max(found, key=lambda c: os.path.getmtime(c)) if found else None
 
 

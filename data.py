@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from checkpoint import write_atomically
+
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -269,17 +271,6 @@ def encode_moments(vae, pixels, scale):
     return moments.unflatten(0, (2, len(x))).transpose(0, 1)
 
 
-def save_atomically(path, write):
-    """write(file) into a hidden temporary beside path, then rename it to path: a killed process leaves
-    either the complete file or none (plus the temporary, overwritten or removed by the next run)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def extraction_settings(args, vae):
     """What a latents directory must agree on to be resumed, and what meta.json records."""
     downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -322,7 +313,7 @@ def extract_latents(args, rank=0, world_size=1, device="cpu"):
         dist.barrier()  # every process has checked --out before any writes to it
     if not meta_path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        save_atomically(meta_path, lambda f: f.write(json.dumps(dict(settings, complete=False)).encode()))
+        write_atomically(meta_path, lambda f: f.write(json.dumps(dict(settings, complete=False)).encode()), "latents metadata")
 
     num_shards = math.ceil(len(files) / args.shard_size)
     parts = [part for part in SHARD_PARTS if part != "pixels" or settings["pixels"]]
@@ -359,14 +350,14 @@ def extract_latents(args, rank=0, world_size=1, device="cpu"):
                                                                            dtype=torch.uint8),
                       labels=labels[kept])
         for part in parts:
-            save_atomically(shard_path(out, k, part), lambda f: np.save(f, arrays[part].numpy()))
+            write_atomically(shard_path(out, k, part), lambda f: np.save(f, arrays[part].numpy()), "latents shard")
     if rank == 0 and todo:
         print(file=sys.stderr)
 
     if all(shard_done(k) for k in range(num_shards)):  # the last process to finish writes the final meta.json
         counts = [len(np.load(shard_path(out, k, "labels"), mmap_mode="r")) for k in range(num_shards)]
         meta = dict(settings, complete=True, shard_counts=counts, num_images=sum(counts))
-        save_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()), "latents metadata")
         for stale in out.glob(".[0-9]*.tmp"):  # shard files of killed runs; every shard is written by now
             stale.unlink(missing_ok=True)
         print(f"rank {rank}: {out} is complete: {sum(counts)} images"

@@ -14,8 +14,7 @@ The loss is the velocity MSE of the linear interpolant (method.md section 5), on
 do not depend on the batch size.
 
     python diagnose.py                          # the newest checkpoint of every run under results/
-    python diagnose.py --ckpt results/SiT-T-4-residual/checkpoints/0020000.pt \
-                       --ckpt results/SiT-T-4-dar-static-c4/checkpoints/0020000.pt
+    python diagnose.py --ckpt results/SiT-T-4-residual --ckpt results/SiT-T-4-dar-static-c4/checkpoints/0001500.pt
     python diagnose.py --num-images 256 --t-grid 0.1,0.5,0.9 --layers 3,23,final
 
 Prints a table (one row per block, one column group per checkpoint) and writes to --out-dir: diagnose.json
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import in_range, latest_checkpoint, load_model, validation_curve
+from checkpoint import in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve
 from data import load_data, to_model_space
 from flow import flow_matching_loss
 from router import DARRouter, ResidualRouter, Route, Trace, chunk_sources
@@ -237,13 +236,6 @@ def validation_split(name, path, image_size):
                                data_dir=path if name == "fashion-mnist" else None, image_size=image_size)
     _, _, images, labels, _, _ = load_data(split)
     return images, labels
-
-
-def find_checkpoints(results_dir):
-    """The newest checkpoint of every run directory under results_dir."""
-    runs = sorted(os.path.join(results_dir, d) for d in os.listdir(results_dir)) if os.path.isdir(results_dir) else []
-    picked = [latest_checkpoint(run) for run in runs if os.path.isdir(os.path.join(run, "checkpoints"))]
-    return [p for p in picked if p is not None]
 
 
 def parse_t_grid(text):
@@ -588,8 +580,7 @@ def diagnose_model(model, images, labels, t_grid, layers, batch_size=64, seed=0)
 
 def diagnose_checkpoint(path, args):
     """Load one checkpoint and its held-out images, and return its report."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--ckpt {path}: no such file")
+    path = resolve_checkpoint(path, args.results_dir)
     model, ckpt = load_model(path, ema=args.weights == "ema", device=args.device)
     images, labels = held_out_images(ckpt["data"], args.num_images, args.data_dir)
     layers = parse_layers(args.layers, model.depth)
@@ -677,7 +668,7 @@ def safe_name(label):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", action="append", help="checkpoint to diagnose (repeat to compare); "
+    parser.add_argument("--ckpt", action="append", help="checkpoint file or run directory to diagnose (repeat to compare); "
                         "default: the newest checkpoint of every run under --results-dir")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--out-dir", default=None, help="where the JSON and figures go (default: <results-dir>/diagnose)")
@@ -711,7 +702,7 @@ def main(argv=None):
         parser.error(str(e))
     paths = args.ckpt
     if not paths:
-        paths = find_checkpoints(args.results_dir)
+        paths = latest_checkpoints(args.results_dir)
         if not paths:
             parser.error(f"no checkpoints found under {args.results_dir}/<run>/checkpoints/: train with train.py "
                          f"or pass --ckpt")

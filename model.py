@@ -4,6 +4,7 @@ The backbone follows SiT/DiT (patch embedding, fixed 2D sin-cos positions, adaLN
 layer) with one change: a block never adds anything to a running residual stream. For each of its two
 sublayers it asks the router for the sublayer's input h_l and hands the router the sublayer's output
 v_l (docs/method.md section 2). Which router it has (residual, unet, dar) is decided in router.py.
+Not a script: every script builds its SiT through `create_model` or `checkpoint.load_model`.
 
     from model import SiT_models
     model = SiT_models["SiT-T/4"](input_size=32, in_channels=1, num_classes=10, router="dar", chunk=4)
@@ -182,7 +183,7 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        with torch.random.fork_rng(devices=[]):  # the router draws nothing: one seed, one backbone, any router
+        with torch.random.fork_rng(devices=[]):  # draws made here are discarded: one seed, one backbone, any router
             self.router = build_router(router, depth=depth, hidden_size=hidden_size, query=query, chunk=chunk,
                                        kernel=kernel, logit_scale=logit_scale)
         self.initialize_weights()

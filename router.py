@@ -1,5 +1,6 @@
 """Cross-layer routing for SiT: how the input of every sublayer is made from the outputs before it.
 
+Not a script: model.py builds its router with `build_router`; tests and benchmarks import the rest.
 The backbone (model.py) calls, for each forward pass, `route = router.start(v0, t_emb)` and then, for
 sublayers l = 1..2L in order, `h_l = route.read(shift_l, scale_l)` and `route.write(v_l)`; the final
 layer calls `route.read_final(shift, scale)`. Symbols are those of docs/method.md sections 2-4.
@@ -187,11 +188,11 @@ def dar_mix(sources, query, gain, eps=RMS_EPS):
     Returns h [B, T, d] and alpha [B, T, N]. Half-precision inputs are accumulated in float32.
     The key RMSNorm(s_i) = g * s_i / rms(s_i) is never materialized: q . k_i = ((q * g) . s_i) / rms(s_i).
     """
-    d = sources[0].shape[-1]
-    qg = _accumulation_dtype(query * gain)
+    d, dtype = sources[0].shape[-1], _mix_dtype(sources, query, gain)
+    qg = (query * gain).to(dtype)
     logits = []
     for s in sources:
-        s = _accumulation_dtype(s)
+        s = s.to(dtype)
         inv_rms = torch.rsqrt(s.pow(2).mean(dim=-1) + eps)
         logits.append(torch.linalg.vecdot(s, qg) * inv_rms / math.sqrt(d))  # z_i = q . k_i / sqrt(d)
     alpha = torch.stack(logits, dim=-1).softmax(dim=-1)  # Eq. 5: softmax over sources, per token
@@ -214,8 +215,9 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True):
     return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha)
 
 
-def _accumulation_dtype(x):
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _mix_dtype(sources, query, gain):
+    """The accumulation dtype: float32 for half-precision inputs, float64 when any input is float64."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in (query, gain, *sources)], torch.float32)
 
 
 class SourceMixer(nn.Module):
@@ -362,11 +364,6 @@ def _as_source(v0):
     device = v0.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
     return v0.to(dtype, memory_format=torch.contiguous_format)
-
-
-def _mix_dtype(sources, query, gain):
-    """The accumulation dtype: float32 for half-precision inputs, float64 when any input is float64."""
-    return functools.reduce(torch.promote_types, [t.dtype for t in (query, gain, *sources)], torch.float32)
 
 
 def _logit_dots(s, query_gain):

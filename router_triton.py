@@ -1,4 +1,4 @@
-"""The fused DAR aggregation (paper Eq. 5, Appendix E): Triton forward and backward kernels in one autograd Function.
+"""The fused DAR aggregation (paper Eq. 5, Appendix E): Triton forward and backward kernels as torch.library custom ops.
 
     from router_triton import fused_dar_mix
     h, alpha = fused_dar_mix(sources, query, gain, eps, return_alpha=True)   # same contract as router.dar_mix

@@ -59,7 +59,7 @@ def test_checkpoint_killed_mid_write_leaves_previous_one(tmp_path):
     assert result.returncode == -signal.SIGKILL
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "0000001.pt")
     assert torch.equal(load_checkpoint(tmp_path / "checkpoints" / "0000001.pt")["model"]["w"], torch.arange(4.0))
-    partial = tmp_path / "checkpoints" / ".0000002.pt.tmp"
+    [partial] = (tmp_path / "checkpoints").glob(".0000002.pt.*.tmp")
     assert partial.exists()  # what the killed process was writing
     os.replace(partial, tmp_path / "checkpoints" / "0000002.pt")
     with pytest.raises(ValueError, match="truncated or corrupt"):

@@ -120,17 +120,17 @@ class Interrupt(Exception):
 
 def test_resume_after_interruption(latents_dir, image_folder, vae_dir, tmp_path, monkeypatch):
     out = tmp_path / "latents"
-    real_save = data.save_atomically
+    real_save = data.write_atomically
 
-    def killed_in_second_shard(path, write):
+    def killed_in_second_shard(path, write, *args):
         if path.name == "00001.moments.npy":  # shard 0 complete, shard 1 has none of its files yet
             raise Interrupt
-        real_save(path, write)
+        real_save(path, write, *args)
 
-    monkeypatch.setattr(data, "save_atomically", killed_in_second_shard)
+    monkeypatch.setattr(data, "write_atomically", killed_in_second_shard)
     with pytest.raises(Interrupt):
         extract(image_folder[0], out, vae_dir)
-    monkeypatch.setattr(data, "save_atomically", real_save)
+    monkeypatch.setattr(data, "write_atomically", real_save)
     with pytest.raises(ValueError, match="unfinished"):
         data.LatentSet(out)
     (out / ".00001.moments.npy.12345.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves

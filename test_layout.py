@@ -51,8 +51,23 @@ def test_library_has_no_import_cycle_and_the_kernel_stands_alone():
     assert not cycles, f"import cycle through {sorted(cycles)}: {graph}"
 
 
+def tracked_text_files():
+    return [p for p in HERE.rglob("*") if p.suffix in {".py", ".md"} and not {".git", "results"} & set(p.parts)
+            and p.name != "test_layout.py"]
+
+
 def test_nothing_points_outside_the_repository():
-    """The method is described in docs/method.md; no file refers to the team's notes outside the repository."""
-    files = [p for p in HERE.rglob("*") if p.suffix in {".py", ".md"} and ".git" not in p.parts and p.name != "test_layout.py"]
-    offenders = [str(p.relative_to(HERE)) for p in files if re.search(r"\bSPEC\b|shared/", p.read_text())]
-    assert not offenders, f"these files refer to SPEC.md or shared/: {offenders}"
+    """The method is described in docs/method.md; no file refers to the team's notes, its issue tracker or
+    throwaway files outside the repository."""
+    outside = re.compile(r"\bSPEC\b|shared/|\bissue \d+|/tmp/")
+    offenders = {str(p.relative_to(HERE)): outside.findall(p.read_text()) for p in tracked_text_files()}
+    assert not {k: v for k, v in offenders.items() if v}, "these files point outside the repository"
+
+
+def test_every_relative_markdown_link_resolves():
+    broken = []
+    for page in (p for p in tracked_text_files() if p.suffix == ".md"):
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(HERE)} -> {target}")
+    assert not broken, broken
