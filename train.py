@@ -311,6 +311,34 @@ def init_from(model, path):
             f"{len(state) - len(backbone)} in the file ignored")
 
 
+def resume(args, run_dir, device, model_config, data_info, states):
+    """Load the checkpoint --resume names (--resume auto: the run's newest, if any) into `states` (model, ema,
+    opt, repa_projector: what has a state dict, or None). Returns (its step, its recent logged losses, the
+    good checkpoint as (path, step, loss), a line saying what was resumed) or a fresh start's (0, [], None, ...)."""
+    path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
+    recent = deque(maxlen=RECENT_INTERVALS)
+    if not path:
+        if latest_checkpoint(run_dir) is not None:
+            raise ValueError(f"{run_dir} already holds checkpoints: pass --resume auto "
+                             f"{'instead of --init-from ' if args.init_from else ''}to continue that run, "
+                             f"or choose another --run-name / --results-dir")
+        note = f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch"
+        return 0, recent, None, note if args.resume == "auto" else None
+    checkpoint = load_checkpoint(path, device)
+    check_resume_compatible(checkpoint, path, model_config, data_info, states["repa_projector"] is not None)
+    for name, module in states.items():
+        if module is not None:
+            module.load_state_dict(checkpoint[name])
+    for group in states["opt"].param_groups:  # the saved state holds the old --lr: a resume may lower it
+        group["lr"] = args.lr
+    recent.extend(checkpoint.get("recent_losses", []))
+    changed = {k: (v, vars(args)[k]) for k, v in checkpoint["args"].items()
+               if k != "resume" and k in vars(args) and vars(args)[k] != v}
+    note = f"resuming from {path} at step {checkpoint['step']}"
+    note += f"; flags changed since: {changed}" if changed else ""
+    return checkpoint["step"], recent, (path, checkpoint["step"], checkpoint.get("loss")), note
+
+
 def check_resume_compatible(checkpoint, path, model_config, data_info, repa_on):
     """A checkpoint must come from the same model, router and data; say exactly what differs."""
     ignored = {"kernel"}  # how DAR is computed, not what it computes
@@ -481,25 +509,8 @@ def train(args, rank, world_size, device):
         decode = latent_decoder(data_info, device=device)  # now: a missing VAE fails before training
 
     # Resume: the newest checkpoint of the run (--resume auto) or the one named.
-    resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
-    start_step, recent, good = 0, deque(maxlen=RECENT_INTERVALS), None
-    if resume_path:
-        checkpoint = load_checkpoint(resume_path, device)
-        check_resume_compatible(checkpoint, resume_path, model_config, data_info, projector is not None)
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["opt"])
-        for group in optimizer.param_groups:  # the saved state holds the old --lr: a resume may lower it
-            group["lr"] = args.lr
-        if projector is not None:
-            projector.load_state_dict(checkpoint["repa_projector"])
-        start_step = checkpoint["step"]
-        recent.extend(checkpoint.get("recent_losses", []))
-        good = (resume_path, start_step, checkpoint.get("loss"))
-    elif latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume auto "
-                         f"{'instead of --init-from ' if args.init_from else ''}to continue that run, "
-                         f"or choose another --run-name / --results-dir")
+    start_step, recent, good, resume_note = resume(args, run_dir, device, model_config, data_info,
+                                                   dict(model=model, ema=ema, opt=optimizer, repa_projector=projector))
     log = RunLog(run_dir, enabled=is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -513,13 +524,8 @@ def train(args, rank, world_size, device):
               f"run directory {run_dir}")
         if init_note:
             print(init_note)
-        if resume_path:
-            changed = {k: (v, vars(args)[k]) for k, v in checkpoint["args"].items()
-                       if k != "resume" and k in vars(args) and vars(args)[k] != v}
-            print(f"resuming from {resume_path} at step {start_step}"
-                  + (f"; flags changed since: {changed}" if changed else ""))
-        elif args.resume == "auto":
-            print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch")
+        if resume_note:
+            print(resume_note)
         if dropped:
             print(f"{log.path}: dropped the {dropped} record(s) after step {start_step}, which the run wrote "
                   f"after its last checkpoint")
