@@ -1,15 +1,15 @@
 """A run on disk and in processes: atomic checkpoints, finding and loading them, and launching under torchrun.
 
-Not a script: train.py writes checkpoints with `save_checkpoint`; sample.py, fid.py, diagnose.py, study.py
-and distill.py find and load them; train.py, sample.py and distill.py run under torchrun through
-`run_distributed`.
+Not a script: train.py and distill.py write checkpoints with `save_checkpoint`, derive their random draws
+from `step_seed` and log with `RunLog`; sample.py, fid.py, diagnose.py, study.py and distill.py find and
+load them; train.py and sample.py run under torchrun through `run_distributed`.
 
     model, checkpoint = load_model(latest_checkpoint("results/SiT-T-4-dar-static-c4"))   # EMA weights, eval mode
 
 Run layout: results/<run-name>/checkpoints/<step:07d>.pt. A checkpoint is a dict of plain tensors and
 containers (loaded with weights_only=True): model, ema, opt, step, args, model_config (the
 model.create_model kwargs and "name"), data (the data.load_data description), rng, and optional extras
-(repa_projector).
+(repa_projector; for a distill.py generator: generator (gen_steps, teacher), fake, fake_opt).
 """
 import datetime
 import json
@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -66,8 +67,9 @@ def newest_checkpoint(results_dir):
     return max(found, key=lambda c: os.path.getmtime(c)) if found else None
 
 
-def resolve_checkpoint(ckpt, results_dir):
-    """--ckpt (a file, a run directory, or None for the newest under --results-dir) -> a checkpoint path."""
+def resolve_checkpoint(ckpt, results_dir, flag="--ckpt"):
+    """--ckpt (a file, a run directory, or None for the newest under --results-dir) -> a checkpoint path;
+    errors name `flag`."""
     if ckpt is None:
         found = newest_checkpoint(results_dir)
         if found is None:
@@ -77,10 +79,10 @@ def resolve_checkpoint(ckpt, results_dir):
     if Path(ckpt).is_dir():
         found = latest_checkpoint(ckpt)
         if found is None:
-            raise ValueError(f"--ckpt {ckpt}: a directory without checkpoints/<step>.pt files")
+            raise ValueError(f"{flag} {ckpt}: a directory without checkpoints/<step>.pt files")
         return found
     if not Path(ckpt).is_file():
-        raise ValueError(f"--ckpt {ckpt}: no such file or run directory")
+        raise ValueError(f"{flag} {ckpt}: no such file or run directory")
     return ckpt
 
 
@@ -93,6 +95,38 @@ def read_log(run_dir):
 def validation_curve(run_dir, key="val_loss_ema"):
     """[(step, validation loss)] of a run, from its log."""
     return [(record["step"], record[key]) for record in read_log(run_dir) if key in record]
+
+
+#################################################################################
+#                        A run's random draws and its log                        #
+#################################################################################
+
+def step_seed(seed, step, stream):
+    """A well-mixed 64-bit seed for one step's draws; stream separates the noise (0) from per-rank draws."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class RunLog:
+    """results/<run>/log.jsonl: one JSON record per log or eval line, written by rank 0 only."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, record, line):
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def keep_until(self, step):
+        """Drop the records after `step` (written by a run that went on past its last checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
 
 
 #################################################################################

@@ -31,9 +31,7 @@ results/<run-name>/checkpoints/<step:07d>.pt, written atomically, the newest --k
 """
 import argparse
 import copy
-import json
 import math
-import os
 import resource
 import socket
 import sys
@@ -41,7 +39,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -49,20 +46,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from checkpoint import latest_checkpoint, load_checkpoint, load_torch_file, run_distributed, save_checkpoint
+from checkpoint import (RunLog, latest_checkpoint, load_checkpoint, load_torch_file, run_distributed, save_checkpoint,
+                        step_seed)
 from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, save_grid, to_model_space
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, flow_matching_loss, sample_batch
-from model import SiT_models, create_model, load_backbone
+from model import SiT_models, create_model, load_backbone, update_ema
 from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
 
 #################################################################################
 #                                    Batches                                     #
 #################################################################################
-
-def step_seed(seed, step, stream):
-    """A well-mixed 64-bit seed for one step's draws; stream separates the noise (0) from per-rank draws."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> 1)
-
 
 class ShardedBatches:
     """This process's share of the global batch of a given step.
@@ -138,13 +131,6 @@ class Objective(nn.Module):
             return flow_matching_loss(self.model, x, y, t, noise)[0], None
         per_sample, hidden = flow_matching_loss(self.model, x, y, t, noise, return_hidden=self.repa_depth)
         return per_sample, repa_loss(self.projector(hidden), target_features)
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter."""
-    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1 - decay)
 
 
 def validation_batch(data, labels, size):
@@ -573,29 +559,6 @@ def training_line(record, max_steps, global_batch_size):
             + (f" | repa {record['repa_loss']:.4f}" if "repa_loss" in record else "")
             + f" | grad {record['grad_norm']:.3f} | {record['images_per_s']:.0f} img/s"
             f" | peak {record['peak_mem_mb']:.0f} MB | ETA {format_duration(eta)}")
-
-
-class RunLog:
-    """results/<run>/log.jsonl: one JSON record per log or eval line, written by rank 0 only."""
-
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = Path(path), enabled
-
-    def write(self, record, line):
-        if not self.enabled:
-            return
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def keep_until(self, step):
-        """Drop the records after `step` (written by a run that went on past its last checkpoint)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
 
 
 def peak_memory_mb(device):
