@@ -51,9 +51,9 @@ import torch.nn.functional as F
 
 from checkpoint import (RunLog, latest_checkpoint, load_checkpoint, load_model, resolve_checkpoint, save_checkpoint,
                         step_seed)
-from data import format_duration, latent_decoder, save_grid
+from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
-                  interpolate, sample_batch, sample_latents, seeded_noise_and_labels)
+                  interpolate, sample_latents, seeded_noise_and_labels, write_sample_grid)
 from model import create_model, load_backbone, update_ema
 from router import LOGIT_SCALES, QUERIES, ROUTERS
 
@@ -366,11 +366,9 @@ def distill(args):
     print(f"done: {args.max_steps} generator updates in {format_duration(earlier_time + time.time() - run_start)}; "
           f"checkpoint {last_saved}")
     if args.sample_grid:
-        classes = list(range(min(generator.num_classes, 10)))
-        images, labels = sample_batch(ema.eval(), range(args.sample_grid * len(classes)), args.seed, "euler",
-                                      args.gen_steps, class_labels=classes, device=device, decode=decode)
-        save_grid(images, labels, run_dir / "samples.png", by_class=True)
-        print(f"sample grid (EMA generator, one row per class, {args.gen_steps} step(s)): {run_dir / 'samples.png'}")
+        how = write_sample_grid(ema, generator.num_classes, args.sample_grid, run_dir / "samples.png", device,
+                                args.seed, decode, "euler", args.gen_steps)
+        print(f"sample grid (EMA generator, one row per class, {how}): {run_dir / 'samples.png'}")
 
 
 if __name__ == "__main__":

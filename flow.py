@@ -1,7 +1,7 @@
 """Flow matching for SiT: the linear interpolant, its training loss, and the samplers that integrate it.
 
-Not a script: train.py trains with `flow_matching_loss`; sample.py, train.py's end-of-run grid and
-distill.py generate with `sample_batch`; diagnose.py and bench.py reuse the loss; distill.py trains its
+Not a script: train.py trains with `flow_matching_loss`; sample.py generates with `sample_batch`, the
+end-of-run grids of train.py and distill.py with `write_sample_grid`; diagnose.py and bench.py reuse the loss; distill.py trains its
 K-step generator `generate` with `data_prediction`.
 
     per_sample_loss, _ = flow_matching_loss(model, x, y, t, noise)
@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from data import to_uint8
+from data import save_grid, to_uint8
 
 SDE_LAST_STEP = 0.04  # SiT's --last-step-size
 DEFAULT_SAMPLER, DEFAULT_STEPS = "heun", 25  # sample.py's defaults, also train.py's end-of-run grid
@@ -173,3 +173,15 @@ def sample_batch(model, indices, seed, sampler, steps, cfg_scale=1.0, cfg_interv
     x, y = sample_latents(model, indices, seed, sampler, steps, cfg_scale, cfg_interval, class_labels, device,
                           cfg_channels)
     return to_uint8(decode(x) if decode else x).cpu(), y.cpu()
+
+
+def write_sample_grid(model, num_classes, per_class, path, device, seed, decode=None, sampler=DEFAULT_SAMPLER,
+                      steps=DEFAULT_STEPS):
+    """A PNG with one row per class (the first 10) of `per_class` samples (decoded by `decode`,
+    data.latent_decoder, for latents); returns how they were made. train.py's end-of-run grid uses sample.py's
+    default sampler, distill.py's the generator's K Euler steps."""
+    classes = list(range(min(num_classes, 10)))
+    images, labels = sample_batch(model.eval(), range(per_class * len(classes)), seed, sampler, steps,
+                                  class_labels=classes, device=device, decode=decode)
+    save_grid(images, labels, path, by_class=True)
+    return f"{sampler}, {steps} steps, no guidance"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import distill
 import sample
@@ -137,7 +138,9 @@ def test_resume_is_exact_and_sample_py_reads_the_generator(teachers, tmp_path):
 def test_untrained_generator_samples_like_the_teachers_one_step_euler(teachers, tmp_path):
     """With --lr 0, G stays the teacher: sample.py on it (K = 1, no ODE) equals the teacher's 1-step Euler."""
     distill.main(["--teacher", str(teachers["residual"]), "--results-dir", str(tmp_path), *RUN, "--max-steps", "1",
-                  "--lr", "0", "--fake-lr", "1e-3", "--run-name", "frozen"])
+                  "--lr", "0", "--fake-lr", "1e-3", "--run-name", "frozen", "--sample-grid", "2"])
+    with Image.open(tmp_path / "frozen" / "samples.png") as grid:
+        assert grid.size == (2 * 18 + 2, 3 * 18 + 2)  # one row per class, 2 samples each
     sample.main(["--ckpt", str(tmp_path / "frozen"), "--num-samples", "4", "--out", str(tmp_path / "g.npz")])
     sample.main(["--ckpt", str(teachers["residual"]), "--num-samples", "4", "--sampler", "euler", "--steps", "1",
                  "--out", str(tmp_path / "t.npz")])

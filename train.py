@@ -48,8 +48,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from checkpoint import (RunLog, latest_checkpoint, load_checkpoint, load_torch_file, run_distributed, save_checkpoint,
                         step_seed)
-from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, save_grid, to_model_space
-from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, flow_matching_loss, sample_batch
+from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, to_model_space
+from flow import flow_matching_loss, write_sample_grid
 from model import SiT_models, create_model, load_backbone, update_ema
 from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
 
@@ -566,16 +566,6 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def write_sample_grid(model, num_classes, per_class, path, device, seed, decode=None):
-    """A PNG with one row per class (the first 10) of `per_class` samples, made with sample.py's default
-    sampler (decoded by `decode`, data.latent_decoder, for latents)."""
-    classes = list(range(min(num_classes, 10)))
-    images, labels = sample_batch(model.eval(), range(per_class * len(classes)), seed, DEFAULT_SAMPLER,
-                                  DEFAULT_STEPS, class_labels=classes, device=device, decode=decode)
-    save_grid(images, labels, path, by_class=True)
-    return f"{DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps, no guidance"
 
 
 if __name__ == "__main__":
