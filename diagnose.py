@@ -740,7 +740,8 @@ def draw_spectrum(rows, path):
     colours = [(0, 0, 0)] + [PALETTE[k % len(PALETTE)] for k in range(len(rows) - 1)]
     for row, colour in zip(rows, colours):
         axes.line(row["frequency"], row["power"], colour)
-    legend(image, 540, [(c, f"{row['label']}: high-frequency ratio {row['ratio']:.3f}") for row, c in zip(rows, colours)], 2)
+    legend(image, 540, [(c, f"{row['label']}: high-frequency ratio {row['ratio']:.3f}")
+                        for row, c in zip(rows, colours)], 2)
     centered_text(ImageDraw.Draw(image), (380, 16), f"energy above {HIGH_FREQUENCY} cycles/pixel (grey line) "
                   f"relative to the real images", font(16))
     image.save(path)

@@ -225,7 +225,8 @@ def parse_args(argv=None):
     if args.run_name is None:
         teacher_dir = Path(args.teacher).resolve()
         teacher_run = teacher_dir.parent.parent.name if teacher_dir.parent.name == "checkpoints" else teacher_dir.name
-        router = "" if args.router == "teacher" else f"-{args.router}" + (f"-c{args.chunk}" if args.router == "dar" else "")
+        router = "" if args.router == "teacher" else f"-{args.router}"
+        router += f"-c{args.chunk}" if args.router == "dar" else ""
         args.run_name = f"distill-{teacher_run}{router}-k{args.gen_steps}"
     return args
 
@@ -280,9 +281,10 @@ def distill(args):
     log.keep_until(start_step)
     print(f"distilling {teacher_path} (step {teacher_checkpoint['step']}, router "
           f"{teacher_checkpoint['model_config'].get('router')}) into a {args.gen_steps}-step generator, router "
-          f"{config.get('router')} (chunk {config.get('chunk')}): {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M "
-          f"parameters, batch {args.batch_size}, lr {args.lr:g} / fake {args.fake_lr:g}, {args.fake_updates} fake "
-          f"update(s) per step, regression weight {args.regression_weight:g}, on {device.type}; run directory {run_dir}")
+          f"{config.get('router')} (chunk {config.get('chunk')}): "
+          f"{sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, batch {args.batch_size}, "
+          f"lr {args.lr:g} / fake {args.fake_lr:g}, {args.fake_updates} fake update(s) per step, regression weight "
+          f"{args.regression_weight:g}, on {device.type}; run directory {run_dir}")
     if resume_path:
         print(f"resuming from {resume_path} at step {start_step}")
     if start_step >= args.max_steps:
@@ -326,7 +328,8 @@ def distill(args):
                     x_r = generate(generator, z_r, y_r, args.gen_steps)
             else:
                 x_r, y_r = x.detach(), y
-            t_r, noise_r = torch.rand(batch, generator=draws).to(device), torch.randn(batch, *shape, generator=draws).to(device)
+            t_r = torch.rand(batch, generator=draws).to(device)
+            noise_r = torch.randn(batch, *shape, generator=draws).to(device)
             torch.manual_seed(step_seed(args.seed, step, 1 + r))  # the fake model's label dropout draws from it
             fake_loss = flow_matching_loss(fake, x_r, y_r, t_r, noise_r)[0].mean()
             fake_optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """Flow matching for SiT: the linear interpolant, its training loss, and the samplers that integrate it.
 
 Not a script: train.py trains with `flow_matching_loss`; sample.py generates with `sample_batch`, the
-end-of-run grids of train.py and distill.py with `write_sample_grid`; diagnose.py and bench.py reuse the loss; distill.py trains its
-K-step generator `generate` with `data_prediction`.
+end-of-run grids of train.py and distill.py with `write_sample_grid`; diagnose.py and bench.py reuse the
+loss; distill.py trains its K-step generator `generate` with `data_prediction`.
 
     per_sample_loss, _ = flow_matching_loss(model, x, y, t, noise)
     images, labels = sample_batch(model, range(16), seed=0, sampler="heun", steps=25)

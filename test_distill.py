@@ -32,7 +32,8 @@ class LinearGenerator(nn.Module):
 
     def __init__(self, dims):
         super().__init__()
-        self.a, self.b = nn.Parameter(torch.ones(dims, dtype=torch.float64)), nn.Parameter(torch.zeros(dims, dtype=torch.float64))
+        self.a = nn.Parameter(torch.ones(dims, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(dims, dtype=torch.float64))
 
     def forward(self, z):
         return self.a * z + self.b
