@@ -136,16 +136,19 @@ def test_resume_is_exact_and_sample_py_reads_the_generator(teachers, tmp_path):
         sample.main(["--ckpt", str(tmp_path / "whole"), "--num-samples", "2", "--steps", "25"])
 
 
-def test_untrained_generator_samples_like_the_teachers_one_step_euler(teachers, tmp_path):
-    """With --lr 0, G stays the teacher: sample.py on it (K = 1, no ODE) equals the teacher's 1-step Euler."""
+@pytest.mark.parametrize("steps", [1, 2])
+def test_untrained_generator_samples_like_the_teachers_euler(teachers, tmp_path, steps):
+    """With --lr 0, G stays the teacher: sample.py on it (K evaluations, no ODE) equals the teacher's K-step Euler."""
     distill.main(["--teacher", str(teachers["residual"]), "--results-dir", str(tmp_path), *RUN, "--max-steps", "1",
-                  "--lr", "0", "--fake-lr", "1e-3", "--run-name", "frozen", "--sample-grid", "2"])
+                  "--lr", "0", "--fake-lr", "1e-3", "--run-name", "frozen", "--sample-grid", "2",
+                  "--gen-steps", str(steps)])
     with Image.open(tmp_path / "frozen" / "samples.png") as grid:
         assert grid.size == (2 * 18 + 2, 3 * 18 + 2)  # one row per class, 2 samples each
-    sample.main(["--ckpt", str(tmp_path / "frozen"), "--num-samples", "4", "--out", str(tmp_path / "g.npz")])
-    sample.main(["--ckpt", str(teachers["residual"]), "--num-samples", "4", "--sampler", "euler", "--steps", "1",
-                 "--out", str(tmp_path / "t.npz")])
-    with np.load(tmp_path / "g.npz") as g, np.load(tmp_path / "t.npz") as t:
+    sample.main(["--ckpt", str(tmp_path / "frozen"), "--num-samples", "4"])
+    sample.main(["--ckpt", str(teachers["residual"]), "--num-samples", "4", "--sampler", "euler", "--steps",
+                 str(steps), "--out", str(tmp_path / "t.npz")])
+    with np.load(tmp_path / "frozen" / "samples" / f"0000001-generator-{steps}-n4.npz") as g, \
+            np.load(tmp_path / "t.npz") as t:
         assert np.array_equal(g["arr_0"], t["arr_0"]) and np.array_equal(g["arr_1"], t["arr_1"])
 
 
