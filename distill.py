@@ -18,11 +18,14 @@ prediction is x_hat = x_t + (1 - t) v and the score is s(x_t) = -(x_t - t x_hat)
     with its own AdamW; --fake-updates N makes N fake updates per generator update (DMD2's two time-scale
     rule), the first on the batch G just made, the others on fresh batches.
   - the generator's loss: the distribution-matching gradient (DMD Eq. 7) at t ~ U(--t-min, --t-max),
-    s_fake - s_real = t (x_hat_fake - x_hat_real) / (1 - t)^2, weighted by DMD Eq. 8's
-    w_t = (1 - t)^2 / t * C / |x_hat_real - G(z)|_1 (C the number of pixels), which leaves
-    grad = (x_hat_fake - x_hat_real) / mean|G(z) - x_hat_real| per sample, applied as DMD's reference code
-    does: loss = 0.5 * mean (G(z) - stopgrad(G(z) - grad))^2, so G moves along -grad, from the fake
-    distribution towards the real one;
+    alpha_t w_t (s_fake - s_real) with s_fake - s_real = t (x_hat_fake - x_hat_real) / (1 - t)^2 (alpha_t = t,
+    sigma_t = 1 - t) and DMD Eq. 8's w_t = (1 - t)^2 / t * C / |x_hat_real - G(z)|_1 (C the number of pixels),
+    which leaves t (x_hat_fake - x_hat_real) / mean|G(z) - x_hat_real|. DMD's ImageNet model is EDM's
+    (alpha_t = 1), and the authors' code (tianweiy/DMD2, main/sd_guidance.py) uses
+    grad = (x_hat_fake - x_hat_real) / mean|G(z) - x_hat_real| per sample for its VP schedule too; so do we
+    (no factor t). It is applied as in that code:
+    loss = 0.5 * mean (G(z) - stopgrad(G(z) - grad))^2, so G moves along -grad, from the fake distribution
+    towards the real one;
   - optionally plus --regression-weight lambda times DMD Eq. 9's regression loss on (noise, teacher ODE
     sample) pairs made once with sample.py's sampler (--regression-sampler / --regression-steps) and cached
     in the run directory. The distance is the plain pixel MSE (in latent space for a latent teacher): DMD's
@@ -68,10 +71,13 @@ def distribution_matching_loss(x, t, noise, real_velocity, fake_velocity):
     """(loss, grad) for generator outputs x [B, ...] (with their graph) at times t [B] and noise [B, ...].
 
     real_velocity / fake_velocity: (x_t, t) -> velocity. DMD Eq. 7 in our parameterization: the score is
-    s = -(x_t - t x_hat) / (1 - t)^2, so s_fake - s_real = t (x_hat_fake - x_hat_real) / (1 - t)^2; DMD Eq. 8's
-    weight w_t = (1 - t)^2 / t * C / |x_hat_real - x|_1 cancels the t-factor and leaves
-    grad = (x_hat_fake - x_hat_real) / mean|x - x_hat_real|. The loss 0.5 * mean (x - stopgrad(x - grad))^2
-    has dloss/dx = grad / numel: gradient descent moves x along -(fake - real), towards the real distribution.
+    s = -(x_t - t x_hat) / (1 - t)^2, so s_fake - s_real = t (x_hat_fake - x_hat_real) / (1 - t)^2, and with
+    alpha_t = t and DMD Eq. 8's weight w_t = (1 - t)^2 / t * C / |x_hat_real - x|_1 the gradient is
+    t (x_hat_fake - x_hat_real) / mean|x - x_hat_real|. As the authors' code (tianweiy/DMD2) does for every
+    schedule (and as DMD's EDM setting, alpha_t = 1, gives) we use grad = (x_hat_fake - x_hat_real) /
+    mean|x - x_hat_real|, without the t. The loss
+    0.5 * mean (x - stopgrad(x - grad))^2 has dloss/dx = grad / numel: gradient descent moves x along
+    -(fake - real), towards the real distribution.
     """
     with torch.no_grad():
         x_t, _ = interpolate(x.detach(), noise, t)  # DMD Eq. 7: x_t ~ q_t(x_t | x), the forward diffusion of G(z)
