@@ -172,8 +172,6 @@ def test_bad_flags(flags, message, capsys):
 
 def test_bad_inputs_are_one_line_errors(teachers, tmp_path):
     base = ["--results-dir", str(tmp_path), *RUN, "--max-steps", "1"]
-    status, stderr = run_distill("--teacher", teachers["dar"], *base, "--gen-steps", "0")
-    assert status == 2 and "--gen-steps must be >= 1" in stderr and "Traceback" not in stderr
     not_a_checkpoint = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, not_a_checkpoint)
     with pytest.raises(ValueError, match=r"--teacher: .*weights.pt is not a train.py checkpoint \(missing model"):
