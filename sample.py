@@ -69,9 +69,12 @@ def parse_args(argv=None):
     add("--ckpt", default=None, help="checkpoint file or run directory (default: newest under --results-dir)")
     add("--results-dir", default="results")
     add("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
-    add("--sampler", default=None, choices=list(SAMPLERS), help=f"(default {DEFAULT_SAMPLER})")
-    add("--steps", type=int, default=None,
-        help=f"integration steps (heun: 2 velocity evaluations each; default {DEFAULT_STEPS})")
+    # None: the checkpoint decides (a distilled generator its own K steps); "%(default).0s" prints nothing,
+    # so that the help formatter does not add "(default: None)"
+    add("--sampler", default=None, choices=list(SAMPLERS),
+        help=f"(default: {DEFAULT_SAMPLER}; a distilled generator: euler)%(default).0s")
+    add("--steps", type=int, default=None, help=f"integration steps (heun: 2 velocity evaluations each) (default: "
+        f"{DEFAULT_STEPS}; a distilled generator: its K)%(default).0s")
     add("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s (1: none)")
     add("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
         help="guide only for t in [LO, HI] (t = 0 noise, 1 data)")
