@@ -728,7 +728,7 @@ def spectrum_report(specs, reference, count, data_dir=None):
 
 def draw_spectrum(rows, path):
     """Radially averaged power (log) against frequency, one line per set, the real images first (black)."""
-    image = Image.new("RGB", (760, 560 + LEGEND_ROW * math.ceil(len(rows) / 2)), "white")
+    image = Image.new("RGB", (760, 560 + LEGEND_ROW * len(rows)), "white")  # one legend row per set: long labels
     values = [v for row in rows for v in row["power"] if v > 0]
     y_range, y_ticks = nice_ticks(min(values), max(values), log=True)
     x_range, x_ticks = nice_ticks(0, 0.5)
@@ -741,7 +741,7 @@ def draw_spectrum(rows, path):
     for row, colour in zip(rows, colours):
         axes.line(row["frequency"], row["power"], colour)
     legend(image, 540, [(c, f"{row['label']}: high-frequency ratio {row['ratio']:.3f}")
-                        for row, c in zip(rows, colours)], 2)
+                        for row, c in zip(rows, colours)], 1)
     centered_text(ImageDraw.Draw(image), (380, 16), f"energy above {HIGH_FREQUENCY} cycles/pixel (grey line) "
                   f"relative to the real images", font(16))
     image.save(path)
