@@ -1,17 +1,18 @@
 """A run on disk and in processes: atomic checkpoints, finding and loading them, and launching under torchrun.
 
-Not a script: train.py writes checkpoints with `save_checkpoint`; sample.py, fid.py, diagnose.py, study.py
-and distill.py find and load them; train.py, sample.py and distill.py run under torchrun through
-`run_distributed`.
+Not a script: train.py and distill.py write checkpoints with `save_checkpoint`, derive their random draws
+from `step_seed` and log with `RunLog`; sample.py, fid.py, diagnose.py, study.py and distill.py find and
+load them; train.py and sample.py run under torchrun through `run_distributed`.
 
     model, checkpoint = load_model(latest_checkpoint("results/SiT-T-4-dar-static-c4"))   # EMA weights, eval mode
 
 Run layout: results/<run-name>/log.jsonl and results/<run-name>/checkpoints/<step:07d>.pt. A checkpoint is
 a dict of plain tensors and containers (loaded with weights_only=True): model, ema, opt, step, args,
 model_config (the model.create_model kwargs and "name"), data (the data.load_data description), rng, and
-optional extras (repa_projector; loss, the loss of its weights checked before it was saved, and
+optional extras (repa_projector; for a distill.py generator: generator (gen_steps, teacher), fake,
+fake_opt; loss, the loss of its weights checked before it was saved, and
 recent_losses, the history of train.py's divergence guard). Files are written through a temp file
-.<name>.tmp beside them (write_atomically); remove_partial_files deletes those a killed writer left.
+.<name>.<pid>.tmp beside them (write_atomically); remove_partial_files deletes those a killed writer left.
 
 The command lines of the scripts check the range of every number they take with `in_range`.
 """
@@ -30,6 +31,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -128,8 +130,9 @@ def newest_checkpoint(results_dir):
     return max(found, key=lambda c: os.path.getmtime(c)) if found else None
 
 
-def resolve_checkpoint(ckpt, results_dir):
-    """--ckpt (a file, a run directory, or None for the newest under --results-dir) -> a checkpoint path."""
+def resolve_checkpoint(ckpt, results_dir, flag="--ckpt"):
+    """--ckpt (a file, a run directory, or None for the newest under --results-dir) -> a checkpoint path;
+    errors name `flag`."""
     if ckpt is None:
         found = newest_checkpoint(results_dir)
         if found is None:
@@ -139,10 +142,10 @@ def resolve_checkpoint(ckpt, results_dir):
     if Path(ckpt).is_dir():
         found = latest_checkpoint(ckpt)
         if found is None:
-            raise ValueError(f"--ckpt {ckpt}: a directory without checkpoints/<step>.pt files")
+            raise ValueError(f"{flag} {ckpt}: a directory without checkpoints/<step>.pt files")
         return found
     if not Path(ckpt).is_file():
-        raise ValueError(f"--ckpt {ckpt}: no such file or run directory")
+        raise ValueError(f"{flag} {ckpt}: no such file or run directory")
     return ckpt
 
 
@@ -166,6 +169,43 @@ def read_log(run_dir):
 def validation_curve(run_dir, key="val_loss_ema"):
     """[(step, validation loss)] of a run, from its log."""
     return [(record["step"], record[key]) for record in read_log(run_dir) if key in record]
+
+
+#################################################################################
+#                        A run's random draws and its log                        #
+#################################################################################
+
+def step_seed(seed, step, stream):
+    """A well-mixed 64-bit seed for one step's draws; stream separates the noise (0) from per-rank draws."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class RunLog:
+    """results/<run>/log.jsonl: one JSON record per log or eval line, written by rank 0 only."""
+
+    def __init__(self, run_dir, enabled=True):
+        self.run_dir, self.path, self.enabled = Path(run_dir), Path(run_dir) / "log.jsonl", enabled
+
+    def write(self, record, line):
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: the error alone names no file
+            raise OSError(f"could not append to {self.path} ({err.strerror or err})") from None
+
+    def keep_until(self, step):
+        """Drop the records after `step` (written by a run that went on past its last checkpoint) and a last
+        line cut short by a crash; the number of records dropped."""
+        records = read_log(self.run_dir)
+        kept = [record for record in records if record["step"] <= step]
+        if self.path.exists():
+            write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()),
+                             "the log")
+        return len(records) - len(kept)
+
 
 
 #################################################################################

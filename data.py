@@ -235,7 +235,8 @@ def load_vae(name, device="cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(str(name), low_cpu_mem_usage=False)
     except OSError as err:  # diffusers reports a missing folder, a bad id and no network alike as OSError
-        raise OSError(f"--vae {name}: cannot load an AutoencoderKL from it ({err}). A Hugging Face id needs "
+        reason = " ".join(str(err).split())  # one line: diffusers' messages span several
+        raise OSError(f"--vae {name}: cannot load an AutoencoderKL from it ({reason}). A Hugging Face id needs "
                       f"network access the first time (then it is cached); or pass a save_pretrained folder") from None
     return vae.to(device).eval().requires_grad_(False)
 

@@ -24,6 +24,13 @@ Prints a table (one row per block, one column group per checkpoint) and writes t
     python diagnose.py --curves residual=results/a-s0 residual=results/a-s1 "dar c4"=results/b-s0
 
 draws the EMA validation curves of runs (from their log.jsonl) into <out-dir>/val_loss.png instead.
+
+    python diagnose.py --spectrum teacher=results/A/samples/X.npz "one-step G"=results/B/samples/Y.npz
+
+measures high-frequency detail instead: the radially averaged power spectrum of generated images (sample.py
+npz files) against real ones (--spectrum-ref: the Fashion-MNIST test split or an images npz), and the share of
+spectral energy above half the Nyquist frequency (0.25 cycles/pixel) as a ratio to the real images' share
+(1: as much fine detail as the data; below 1: smoother). Writes <out-dir>/spectrum.json and spectrum.png.
 """
 import argparse
 import functools
@@ -34,6 +41,7 @@ import re
 import statistics
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
@@ -651,15 +659,99 @@ def draw_curves(runs, path, title):
     image.save(path)
 
 
+#################################################################################
+#                  High-frequency detail: power spectra (--spectrum)              #
+#################################################################################
+
+HIGH_FREQUENCY = 0.25  # cycles per pixel: half the Nyquist frequency
+
+
+def power_spectrum(images):
+    """The radially averaged power spectrum of square images [N, C, S, S] (any range; channels averaged):
+    dict(frequency: the radii k / S for k = 1..S/2 in cycles per pixel, power: the mean |FFT|^2 / S^2 of the
+    mean-free images over the frequencies of each radius bin, high_share: the share of all non-DC energy at
+    radii above HIGH_FREQUENCY, the corners beyond Nyquist included)."""
+    x = images.double().mean(dim=1)
+    size = x.shape[-1]
+    x = x - x.mean(dim=(-2, -1), keepdim=True)  # the DC term is brightness, not detail
+    power = torch.fft.fft2(x).abs().pow(2).mean(dim=0) / size ** 2
+    frequencies = torch.fft.fftfreq(size, dtype=torch.float64)
+    radius = (frequencies[:, None] ** 2 + frequencies[None, :] ** 2).sqrt()
+    bins = (radius * size).round().long()
+    ks = range(1, size // 2 + 1)
+    return dict(frequency=[k / size for k in ks], power=[power[bins == k].mean().item() for k in ks],
+                high_share=(power[radius > HIGH_FREQUENCY].sum() / power.sum()).item())
+
+
+def npz_images(path, count):
+    """The first `count` images of an ADM-style npz (arr_0 uint8 NHWC) as float [N, C, S, S] in [0, 1]."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--spectrum {path}: no such file")
+    with np.load(path) as f:
+        if "arr_0" not in f or f["arr_0"].ndim != 4:
+            raise ValueError(f"--spectrum {path}: not an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)")
+        images = torch.from_numpy(f["arr_0"][:count]).permute(0, 3, 1, 2).float() / 255
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"--spectrum {path}: the images are {images.shape[-2]}x{images.shape[-1]}, not square")
+    return images
+
+
+def spectrum_report(specs, reference, count, data_dir=None):
+    """--spectrum LABEL=NPZ ... against --spectrum-ref: [dict(label, frequency, power, high_share, ratio)], the
+    reference first (ratio 1)."""
+    sets = [(label, npz_images(path, count)) for label, path in parse_pairs(specs, "--spectrum", os.path.isfile)]
+    size = sets[0][1].shape[-1]
+    if any(images.shape[-1] != size for _, images in sets):
+        raise ValueError("--spectrum: the npz files hold images of different sizes")
+    if reference == "fashion-mnist":
+        real = to_model_space(held_out_images(dict(name="fashion-mnist", image_size=size), count, data_dir)[0])
+        real = (real + 1) / 2
+    else:
+        real = npz_images(reference, count)
+        if real.shape[-1] != size:
+            raise ValueError(f"--spectrum-ref {reference}: {real.shape[-1]}px images, the samples are {size}px")
+    rows = [dict(label=f"real ({reference})", num_images=len(real), **power_spectrum(real))]
+    rows += [dict(label=label, num_images=len(images), **power_spectrum(images)) for label, images in sets]
+    for row in rows:
+        row["ratio"] = row["high_share"] / rows[0]["high_share"]
+    return rows
+
+
+def draw_spectrum(rows, path):
+    """Radially averaged power (log) against frequency, one line per set, the real images first (black)."""
+    image = Image.new("RGB", (760, 560 + LEGEND_ROW * len(rows)), "white")  # one legend row per set: long labels
+    values = [v for row in rows for v in row["power"] if v > 0]
+    y_range, y_ticks = nice_ticks(min(values), max(values), log=True)
+    x_range, x_ticks = nice_ticks(0, 0.5)
+    axes = Axes(image, (110, 60, 730, 470), x_range, y_range, log_y=True)
+    axes.frame(x_ticks, y_ticks, "spatial frequency (cycles / pixel)", "power (log scale)",
+               "radially averaged power spectrum")
+    left, _ = axes.px(HIGH_FREQUENCY, y_range[0])
+    axes.draw.line([(left, 60), (left, 470)], fill=(150, 150, 150), width=1)
+    colours = [(0, 0, 0)] + [PALETTE[k % len(PALETTE)] for k in range(len(rows) - 1)]
+    for row, colour in zip(rows, colours):
+        axes.line(row["frequency"], row["power"], colour)
+    legend(image, 540, [(c, f"{row['label']}: high-frequency ratio {row['ratio']:.3f}")
+                        for row, c in zip(rows, colours)], 1)
+    centered_text(ImageDraw.Draw(image), (380, 16), f"energy above {HIGH_FREQUENCY} cycles/pixel (grey line) "
+                  f"relative to the real images", font(16))
+    image.save(path)
+
+
+def parse_pairs(specs, flag, exists):
+    """LABEL=PATH ... -> [(label, path)], each path passing `exists`."""
+    pairs = []
+    for spec in specs:
+        label, separator, path = spec.rpartition("=")
+        if not separator or not label or not exists(path):
+            raise ValueError(f"{flag} {spec!r}: expected LABEL=PATH with an existing path")
+        pairs.append((label, path))
+    return pairs
+
+
 def parse_curves(specs):
     """--curves LABEL=RUN_DIR ... -> [(label, run directory)]."""
-    runs = []
-    for spec in specs:
-        label, separator, run_dir = spec.rpartition("=")
-        if not separator or not label or not os.path.isdir(run_dir):
-            raise ValueError(f"--curves {spec!r}: expected LABEL=RUN_DIR with an existing run directory")
-        runs.append((label, run_dir))
-    return runs
+    return parse_pairs(specs, "--curves", os.path.isdir)
 
 
 def safe_name(label):
@@ -685,7 +777,32 @@ def main(argv=None):
                         help="instead of diagnosing checkpoints: draw the validation curves of these runs into "
                         "<out-dir>/val_loss.png (runs sharing a label are seeds; the first label is the reference)")
     parser.add_argument("--curves-title", default="validation loss on the fixed held-out batch")
+    parser.add_argument("--spectrum", nargs="+", metavar="LABEL=NPZ", default=None,
+                        help="instead of diagnosing checkpoints: the power spectra and high-frequency ratios of these "
+                        "sample.py npz files, into <out-dir>/spectrum.json and spectrum.png")
+    parser.add_argument("--spectrum-ref", default="fashion-mnist", metavar="NPZ",
+                        help="the real images of --spectrum: 'fashion-mnist' (its test split) or an images npz")
+    parser.add_argument("--spectrum-images", type=int, default=1000, help="images of each set for --spectrum")
     args = parser.parse_args(argv)
+    if args.spectrum:
+        if args.spectrum_images < 1:
+            parser.error("--spectrum-images must be >= 1")
+        if args.spectrum_ref != "fashion-mnist" and not os.path.isfile(args.spectrum_ref):
+            parser.error(f"--spectrum-ref {args.spectrum_ref}: neither 'fashion-mnist' nor an existing npz file")
+        try:
+            rows = spectrum_report(args.spectrum, args.spectrum_ref, args.spectrum_images, args.data_dir)
+        except ValueError as e:
+            parser.error(str(e))
+        out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"{'set':40s} {'images':>6s} {'share > ' + str(HIGH_FREQUENCY):>12s} {'ratio':>7s}")
+        for row in rows:
+            print(f"{row['label']:40s} {row['num_images']:6d} {row['high_share']:12.5f} {row['ratio']:7.3f}")
+        with open(os.path.join(out_dir, "spectrum.json"), "w") as f:
+            json.dump({"high_frequency": HIGH_FREQUENCY, "sets": rows}, f, indent=1)
+        draw_spectrum(rows, os.path.join(out_dir, "spectrum.png"))
+        print(f"wrote {os.path.join(out_dir, 'spectrum.json')} and {os.path.join(out_dir, 'spectrum.png')}")
+        return rows
     if args.curves:
         try:
             runs = parse_curves(args.curves)

@@ -1,10 +1,12 @@
 """Flow matching for SiT: the linear interpolant, its training loss, and the samplers that integrate it.
 
-Not a script: train.py trains with `flow_matching_loss`; sample.py, train.py's end-of-run grid and
-distill.py generate with `sample_batch`; diagnose.py and bench.py reuse the loss.
+Not a script: train.py trains with `flow_matching_loss`; sample.py generates with `sample_batch`, the
+end-of-run grids of train.py and distill.py with `write_sample_grid`; diagnose.py and bench.py reuse the
+loss; distill.py trains its K-step generator `generate` with `data_prediction`.
 
     per_sample_loss, _ = flow_matching_loss(model, x, y, t, noise)
     images, labels = sample_batch(model, range(16), seed=0, sampler="heun", steps=25)
+    images, labels = sample_batch(generator, range(16), seed=0, sampler="euler", steps=1)  # a distilled G
 
 Conventions (docs/method.md section 5, SiT's): t = 0 is noise, t = 1 is data,
 x_t = t x + (1 - t) noise, and the model predicts the velocity u = dx_t/dt = x - noise.
@@ -18,12 +20,18 @@ Samplers (velocity(x, t) -> dx/dt, t a Python float in [0, 1] shared by the whol
          As in SiT, `steps` N makes N - 1 stochastic steps on [0, 1 - 0.04] and one final deterministic
          "mean" step of 0.04 to t = 1 (N evaluations).
 (SiT's ODE `--num-sampling-steps N` is N grid points, N - 1 steps; ours counts steps.)
+
+A K-step generator (distill.py) is the euler sampler with K steps, G(z) = euler_sample(v_G, z, K), on the
+grid t_k = k / K. Each Euler step is the DDIM step through the data prediction x_hat = x_t + (1 - t) v and
+the implied noise eps_hat = x_t - t v: x_{k+1} = t_{k+1} x_hat + (1 - t_{k+1}) eps_hat = x_k + (t_{k+1} - t_k) v,
+and the last one lands on x_hat(x_{K-1}, t_{K-1}). So K = 1 is the one-step prediction G(z) = z + v(z, 0),
+and a generator initialized from a teacher starts as the teacher's K-step Euler sampler.
 """
 import math
 
 import torch
 
-from data import to_uint8
+from data import save_grid, to_uint8
 
 SDE_LAST_STEP = 0.04  # SiT's --last-step-size
 DEFAULT_SAMPLER, DEFAULT_STEPS = "heun", 25  # sample.py's defaults, also train.py's end-of-run grid
@@ -37,6 +45,11 @@ def interpolate(x, noise, t):
     """(x_t, u): the point of the linear path at time t (one per sample) and the target velocity."""
     t_ = t.view(-1, *([1] * (x.dim() - 1)))
     return t_ * x + (1 - t_) * noise, x - noise  # x_t = t x + (1 - t) noise, u = dx_t/dt
+
+
+def data_prediction(velocity, x_t, t):
+    """x_hat = E[x | x_t] = x_t + (1 - t) v: the data the velocity v at (x_t, t) points to (t one per sample)."""
+    return x_t + (1 - t.view(-1, *([1] * (x_t.dim() - 1)))) * velocity
 
 
 def flow_matching_loss(model, x, y, t, noise, return_hidden=None):
@@ -122,12 +135,15 @@ def per_sample_randn(generators, shape, device):
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
-@torch.no_grad()
-def sample_batch(model, indices, seed, sampler, steps, cfg_scale=1.0, cfg_interval=None, class_labels=None,
-                 device="cpu", decode=None, cfg_channels=None):
-    """(uint8 [B, C, H, W], int64 [B]) for the global sample indices `indices`: sample i starts from the
-    noise of generator seed + i and, without class_labels, draws its class uniformly from it afterwards.
-    `decode` (data.latent_decoder) maps latents to images."""
+def generate(model, z, y, steps):
+    """The K-step generator G(z, y) of a model (distill.py): its Euler sampler with `steps` = K steps, with
+    gradients (see the module docstring)."""
+    return euler_sample(guided_velocity(model, y), z, steps)
+
+
+def seeded_noise_and_labels(model, indices, seed, class_labels=None, device="cpu"):
+    """(noise [B, C, H, W], labels [B], the per-sample generators): sample i's noise from generator seed + i
+    and, without class_labels, its class drawn uniformly from the same generator afterwards."""
     generators = sample_generators(indices, seed)
     shape = (model.in_channels, model.input_size, model.input_size)
     x = per_sample_randn(generators, shape, device)
@@ -135,8 +151,37 @@ def sample_batch(model, indices, seed, sampler, steps, cfg_scale=1.0, cfg_interv
         labels = [class_labels[i % len(class_labels)] for i in indices]
     else:
         labels = [int(torch.randint(model.num_classes, (), generator=g)) for g in generators]
-    y = torch.tensor(labels, dtype=torch.int64, device=device)
+    return x, torch.tensor(labels, dtype=torch.int64, device=device), generators
+
+
+@torch.no_grad()
+def sample_latents(model, indices, seed, sampler, steps, cfg_scale=1.0, cfg_interval=None, class_labels=None,
+                   device="cpu", cfg_channels=None):
+    """(float samples in model space [B, C, H, W], int64 labels [B]) for the global sample indices `indices`
+    (seeded_noise_and_labels)."""
+    x, y, generators = seeded_noise_and_labels(model, indices, seed, class_labels, device)
     velocity = guided_velocity(model, y, cfg_scale, cfg_interval, cfg_channels)
     randn_like = lambda z: per_sample_randn(generators, z.shape[1:], z.device).to(z.dtype)  # noqa: E731
-    x = SAMPLERS[sampler](velocity, x, steps, randn_like)
+    return SAMPLERS[sampler](velocity, x, steps, randn_like), y
+
+
+@torch.no_grad()
+def sample_batch(model, indices, seed, sampler, steps, cfg_scale=1.0, cfg_interval=None, class_labels=None,
+                 device="cpu", decode=None, cfg_channels=None):
+    """(uint8 [B, C, H, W], int64 [B]) for the global sample indices `indices` (sample_latents); `decode`
+    (data.latent_decoder) maps latents to images."""
+    x, y = sample_latents(model, indices, seed, sampler, steps, cfg_scale, cfg_interval, class_labels, device,
+                          cfg_channels)
     return to_uint8(decode(x) if decode else x).cpu(), y.cpu()
+
+
+def write_sample_grid(model, num_classes, per_class, path, device, seed, decode=None, sampler=DEFAULT_SAMPLER,
+                      steps=DEFAULT_STEPS):
+    """A PNG with one row per class (the first 10) of `per_class` samples (decoded by `decode`,
+    data.latent_decoder, for latents); returns how they were made. train.py's end-of-run grid uses sample.py's
+    default sampler, distill.py's the generator's K Euler steps."""
+    classes = list(range(min(num_classes, 10)))
+    images, labels = sample_batch(model.eval(), range(per_class * len(classes)), seed, sampler, steps,
+                                  class_labels=classes, device=device, decode=decode)
+    save_grid(images, labels, path, by_class=True)
+    return f"{sampler}, {steps} steps, no guidance"

@@ -293,6 +293,13 @@ def load_backbone(model, state_dict):
     return router_keys
 
 
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter."""
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1 - decay)
+
+
 #################################################################################
 #                          Sine/Cosine Positional Embedding                      #
 #################################################################################

@@ -19,6 +19,9 @@ Outputs, next to the checkpoint's run (results/<run>/samples/), unless --out nam
       arr_0: uint8 [N, H, W, 3] (NHWC; a 1-channel model's gray repeated to 3 channels, so the ADM
       evaluator reads it unchanged), arr_1: int64 [N] class labels
   the same name .png: a grid, one row per class when --class-labels is given (grayscale for 1-channel models)
+A distilled generator (a distill.py checkpoint, which holds "generator": its gen_steps K) is sampled with
+its K network evaluations, no ODE: the euler sampler with K steps (flow.generate), from the same seeded
+noise, so fid.py and the ADM evaluator read its npz unchanged; --sampler / --steps / --cfg-scale do not apply.
 A model trained on SD-VAE latents (train.py --data latents/) has its samples decoded by the checkpoint's
 VAE (--vae: another copy of it, e.g. a local folder; needs diffusers) before both are written.
 """
@@ -39,14 +42,14 @@ from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
 #                                 Command line                                  #
 #################################################################################
 
-def output_path(args, checkpoint_path, step):
+def output_path(args, checkpoint_path, step, generator=False):
     """results/<run>/samples/<name>.npz for results/<run>/checkpoints/<step>.pt (for a checkpoint elsewhere,
-    samples/ beside it)."""
+    samples/ beside it); a distilled generator's is named <step>-generator-<K>..."""
     if args.out:
         return Path(args.out).with_suffix(".npz")
     ckpt = Path(checkpoint_path).resolve()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    name = f"{step:07d}-{args.sampler}-{args.steps}"
+    name = f"{step:07d}-{args.sampler}-{args.steps}" if not generator else f"{step:07d}-generator-{args.steps}"
     if args.cfg_scale != 1:
         name += f"-cfg{args.cfg_scale:g}" + (f"-{args.cfg_interval[0]:g}-{args.cfg_interval[1]:g}"
                                               if args.cfg_interval else "")
@@ -68,8 +71,12 @@ def parse_args(argv=None):
     add("--ckpt", default=None, help="checkpoint file or run directory (default: newest under --results-dir)")
     add("--results-dir", default="results")
     add("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
-    add("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS))
-    add("--steps", type=at_least_1, default=DEFAULT_STEPS, help="integration steps (heun: 2 velocity evaluations each)")
+    # None: the checkpoint decides (a distilled generator its own K steps); "%(default).0s" prints nothing,
+    # so that the help formatter does not add "(default: None)"
+    add("--sampler", default=None, choices=list(SAMPLERS),
+        help=f"(default: {DEFAULT_SAMPLER}; a distilled generator: euler)%(default).0s")
+    add("--steps", type=at_least_1, default=None, help=f"integration steps (heun: 2 velocity evaluations each) "
+        f"(default: {DEFAULT_STEPS}; a distilled generator: its K)%(default).0s")
     add("--cfg-scale", type=in_range(float, 0), default=1.0, help="classifier-free guidance scale s (1: none)")
     add("--cfg-interval", type=in_range(float, 0, 1), nargs=2, default=None, metavar=("LO", "HI"),
         help="guide only for t in [LO, HI] (t = 0 noise, 1 data)")
@@ -84,11 +91,25 @@ def parse_args(argv=None):
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.steps < (2 if args.sampler == "sde" else 1):
-        parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler {args.sampler}")
+    if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
+        parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "
+                     f"{args.sampler or DEFAULT_SAMPLER}")
     if args.cfg_interval and args.cfg_interval[0] > args.cfg_interval[1]:
         parser.error(f"--cfg-interval LO HI needs 0 <= LO <= HI <= 1, got {args.cfg_interval}")
     return args
+
+
+def choose_sampler(args, checkpoint):
+    """Fill in --sampler and --steps: a distilled generator's own K Euler steps, else the flags or defaults."""
+    generator = checkpoint.get("generator")
+    if generator is None:
+        args.sampler, args.steps = args.sampler or DEFAULT_SAMPLER, args.steps or DEFAULT_STEPS
+        return
+    steps = generator["gen_steps"]
+    if (args.sampler or "euler") != "euler" or (args.steps or steps) != steps or args.cfg_scale != 1:
+        raise ValueError(f"--ckpt is a distilled {steps}-step generator: it samples with its own {steps} Euler "
+                         f"step(s) and no guidance; drop --sampler, --steps and --cfg-scale")
+    args.sampler, args.steps = "euler", steps
 
 
 def check_model(model, args):
@@ -113,13 +134,15 @@ def run(args, rank, world_size, device):
         torch.backends.cudnn.allow_tf32 = True
     checkpoint_path = resolve_checkpoint(args.ckpt, args.results_dir)
     model, checkpoint = load_model(checkpoint_path, ema=not args.no_ema, device=device)
+    choose_sampler(args, checkpoint)
     check_model(model, args)
     decode = latent_decoder(checkpoint["data"], args.vae, device)
-    out = output_path(args, checkpoint_path, checkpoint["step"])
+    out = output_path(args, checkpoint_path, checkpoint["step"], "generator" in checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         print(f"sampling {args.num_samples} images from {checkpoint_path} (step {checkpoint['step']}, "
-              f"{'raw' if args.no_ema else 'EMA'} weights) with {args.sampler}, {args.steps} steps, "
+              f"{'raw' if args.no_ema else 'EMA'} weights) with "
+              f"{'its generator: ' if 'generator' in checkpoint else ''}{args.sampler}, {args.steps} steps, "
               f"cfg {args.cfg_scale:g}, {world_size} process(es) on {device.type}")
 
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]

@@ -267,3 +267,50 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--results-dir", str(tmp_path)])
     assert "no checkpoints" in capsys.readouterr().err
+
+
+#################################################################################
+#                     High-frequency detail (--spectrum)                         #
+#################################################################################
+
+def white_and_blurred(n=64, size=32, seed=4):
+    """White noise images and the same noise blurred twice by a circular 5 x 5 box filter (twice, so that the
+    box's sidelobes are small), both [n, 1, size, size] in [0, 1]."""
+    white = torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    box = lambda x: torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (2, 2, 2, 2), mode="circular"), 5, 1)  # noqa: E731
+    return white, box(box(white))
+
+
+def test_power_spectrum_orders_white_and_blurred_noise():
+    white, blurred = white_and_blurred()
+    flat, smooth = diagnose.power_spectrum(white), diagnose.power_spectrum(blurred)
+    # White noise spreads its energy evenly over the frequency square: the share above 0.25 cycles/pixel is
+    # the area of the square outside that disc, 1 - pi 0.25^2 ~ 0.80 (on the 32 x 32 grid, 0.80 too).
+    assert abs(flat["high_share"] - (1 - torch.pi * 0.25 ** 2)) < 0.03, flat["high_share"]
+    assert smooth["high_share"] < 0.1 < 0.7 < flat["high_share"]
+    assert len(flat["frequency"]) == 16 and flat["frequency"][-1] == 0.5
+    assert max(flat["power"]) / min(flat["power"]) < 1.5  # flat, while the blur falls by orders of magnitude
+    assert smooth["power"][-1] < 0.01 * smooth["power"][0]
+    shifted = diagnose.power_spectrum(white * 2 + 5)  # brightness (DC) is ignored, contrast scales all power
+    assert abs(shifted["high_share"] - flat["high_share"]) < 1e-9
+
+
+def test_spectrum_command_writes_ratios_and_figure(tmp_path, capsys):
+    import numpy as np
+    white, blurred = white_and_blurred()
+    for name, images in (("white", white), ("blurred", blurred), ("ref", white)):
+        array = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
+        np.savez(tmp_path / f"{name}.npz", arr_0=array, arr_1=np.zeros(len(array), dtype=np.int64))
+    rows = diagnose.main(["--spectrum", f"white={tmp_path / 'white.npz'}", f"blur={tmp_path / 'blurred.npz'}",
+                          "--spectrum-ref", str(tmp_path / "ref.npz"), "--out-dir", str(tmp_path / "out")])
+    assert [r["label"] for r in rows] == [f"real ({tmp_path / 'ref.npz'})", "white", "blur"]
+    assert abs(rows[1]["ratio"] - 1) < 1e-3 and rows[2]["ratio"] < 0.2
+    saved = json.loads((tmp_path / "out" / "spectrum.json").read_text())
+    assert saved["high_frequency"] == 0.25 and len(saved["sets"]) == 3
+    assert Image.open(tmp_path / "out" / "spectrum.png").size[0] == 760
+    assert "blur" in capsys.readouterr().out
+    for flags, message in ((["--spectrum", "x=missing.npz"], "expected LABEL=PATH"),
+                           (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", "nope"], "--spectrum-ref nope")):
+        with pytest.raises(SystemExit):
+            diagnose.main(flags)
+        assert message in capsys.readouterr().err

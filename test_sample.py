@@ -149,11 +149,12 @@ MODEL_CONFIG = dict(name="SiT-T/8", input_size=16, in_channels=1, num_classes=3,
                     chunk=4, learn_sigma=False, class_dropout_prob=0.1)
 
 
-def make_checkpoint(path, step=5, seed=0, channels=1):
-    """A train.py-contract checkpoint of a tiny SiT whose zero-initialized layers are randomized (so that
-    it predicts a non-trivial velocity), with EMA weights different from the raw ones."""
+def make_checkpoint(path, step=5, seed=0, channels=1, data=None, **config_changes):
+    """A train.py-contract checkpoint of a tiny SiT (MODEL_CONFIG with config_changes) whose zero-initialized
+    layers are randomized (so that it predicts a non-trivial velocity), with EMA weights different from the
+    raw ones; `data` replaces entries of its Fashion-MNIST data description."""
     torch.manual_seed(seed)
-    config = dict(MODEL_CONFIG, in_channels=channels)
+    config = dict(MODEL_CONFIG, in_channels=channels, **config_changes)
     model = create_model(**config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -165,7 +166,8 @@ def make_checkpoint(path, step=5, seed=0, channels=1):
     name = config.pop("name")
     torch.save(dict(model=model.state_dict(), ema=ema, opt={}, step=step, args=dict(model=name),
                     model_config=dict(config, name=name),
-                    data=dict(name="fashion-mnist", path="", channels=channels, num_classes=3, image_size=16),
+                    data={**dict(name="fashion-mnist", path="", channels=channels, num_classes=3, image_size=16),
+                          **(data or {})},
                     rng=dict(seed=seed)), path)
     return path
 

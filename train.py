@@ -35,7 +35,6 @@ what to do next: docs/failures.md.
 """
 import argparse
 import copy
-import json
 import math
 import resource
 import socket
@@ -46,7 +45,6 @@ from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -54,21 +52,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from checkpoint import (in_range, latest_checkpoint, load_checkpoint, load_torch_file, read_log,
-                        remove_partial_files, run_distributed, save_checkpoint, write_atomically)
-from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, save_grid, to_model_space
-from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, flow_matching_loss, sample_batch
-from model import SIT_SIZES, SiT_models, create_model, load_backbone
+from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, load_torch_file,
+                        remove_partial_files, run_distributed, save_checkpoint, step_seed)
+from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, to_model_space
+from flow import flow_matching_loss, write_sample_grid
+from model import SIT_SIZES, SiT_models, create_model, load_backbone, update_ema
 from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
 
 #################################################################################
 #                                    Batches                                     #
 #################################################################################
-
-def step_seed(seed, step, stream):
-    """A well-mixed 64-bit seed for one step's draws; stream separates the noise (0) from per-rank draws."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, np.uint64)[0] >> 1)
-
 
 class ShardedBatches:
     """This process's share of the global batch of a given step.
@@ -145,13 +138,6 @@ class Objective(nn.Module):
             return flow_matching_loss(self.model, x, y, t, noise)[0], None
         per_sample, hidden = flow_matching_loss(self.model, x, y, t, noise, return_hidden=self.repa_depth)
         return per_sample, repa_loss(self.projector(hidden), target_features)
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter."""
-    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1 - decay)
 
 
 def validation_batch(data, labels, size):
@@ -653,48 +639,11 @@ def training_line(record, max_steps, global_batch_size):
             f" | peak {record['peak_mem_mb']:.0f} MB | ETA {format_duration(eta)}")
 
 
-class RunLog:
-    """results/<run>/log.jsonl: one JSON record per log or eval line, written by rank 0 only."""
-
-    def __init__(self, run_dir, enabled=True):
-        self.run_dir, self.path, self.enabled = Path(run_dir), Path(run_dir) / "log.jsonl", enabled
-
-    def write(self, record, line):
-        if not self.enabled:
-            return
-        print(line, flush=True)
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:  # a full disk: the error alone names no file
-            raise OSError(f"could not append to {self.path} ({err.strerror or err})") from None
-
-    def keep_until(self, step):
-        """Drop the records after `step` (written by a run that went on past its last checkpoint) and a last
-        line cut short by a crash; the number of records dropped."""
-        records = read_log(self.run_dir)
-        kept = [record for record in records if record["step"] <= step]
-        if self.path.exists():
-            write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()),
-                             "the log")
-        return len(records) - len(kept)
-
-
 def peak_memory_mb(device):
     """Peak allocated GPU memory, or peak resident memory of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def write_sample_grid(model, num_classes, per_class, path, device, seed, decode=None):
-    """A PNG with one row per class (the first 10) of `per_class` samples, made with sample.py's default
-    sampler (decoded by `decode`, data.latent_decoder, for latents)."""
-    classes = list(range(min(num_classes, 10)))
-    images, labels = sample_batch(model.eval(), range(per_class * len(classes)), seed, DEFAULT_SAMPLER,
-                                  DEFAULT_STEPS, class_labels=classes, device=device, decode=decode)
-    save_grid(images, labels, path, by_class=True)
-    return f"{DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps, no guidance"
 
 
 if __name__ == "__main__":
