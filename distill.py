@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (RunLog, latest_checkpoint, load_checkpoint, load_model, resolve_checkpoint, save_checkpoint,
-                        step_seed)
+from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, load_model, resolve_checkpoint,
+                        save_checkpoint, step_seed)
 from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
                   interpolate, sample_latents, seeded_noise_and_labels, write_sample_grid)
@@ -177,52 +177,45 @@ def check_resume_compatible(checkpoint, path, config, teacher_path, args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
+    at_least_1, number_at_least_0 = in_range(int, 1), in_range(float, 0)
     add("--teacher", required=True, help="a train.py checkpoint file or run directory (its newest checkpoint)")
-    add("--gen-steps", type=int, default=1, help="K, the generator's network evaluations (default %(default)s)")
+    add("--gen-steps", type=at_least_1, default=1, help="K, the generator's network evaluations (default %(default)s)")
     add("--router", default="teacher", choices=["teacher", *ROUTERS],
         help="router of G and the fake model: the teacher's own, or another one fine-tuned from the teacher's "
         "backbone (default %(default)s)")
     add("--query", default="static", choices=QUERIES, help="DAR query, with --router dar (default %(default)s)")
-    add("--chunk", type=int, default=1, help="DAR chunk size, with --router dar (default %(default)s)")
+    add("--chunk", type=at_least_1, default=1, help="DAR chunk size, with --router dar (default %(default)s)")
     add("--logit-scale", default="inv-sqrt-d", choices=LOGIT_SCALES, help="with --router dar (default %(default)s)")
-    add("--max-steps", type=int, default=1000, help="generator updates (default %(default)s)")
-    add("--batch-size", type=int, default=64, help="generated images per update (default %(default)s)")
-    add("--lr", type=float, default=1e-4, help="AdamW learning rate of G (default %(default)s)")
-    add("--fake-lr", type=float, default=None, help="AdamW learning rate of the fake model (default: --lr)")
-    add("--fake-updates", type=int, default=1, help="fake-model updates per generator update (DMD2: 5; "
+    add("--max-steps", type=at_least_1, default=1000, help="generator updates (default %(default)s)")
+    add("--batch-size", type=at_least_1, default=64, help="generated images per update (default %(default)s)")
+    add("--lr", type=number_at_least_0, default=1e-4, help="AdamW learning rate of G (default %(default)s)")
+    add("--fake-lr", type=number_at_least_0, default=None, help="AdamW learning rate of the fake model (default: --lr)")
+    add("--fake-updates", type=at_least_1, default=1, help="fake-model updates per generator update (DMD2: 5; "
         "default %(default)s)")
-    add("--t-min", type=float, default=0.02, help="the DM gradient's t ~ U(t-min, t-max) (DMD: [0.02, 0.98] "
+    add("--t-min", type=in_range(float, 0, 1), default=0.02, help="the DM gradient's t ~ U(t-min, t-max) (DMD: [0.02, 0.98] "
         "of the schedule; default %(default)s)")
-    add("--t-max", type=float, default=0.98, help="(default %(default)s)")
-    add("--ema-decay", type=float, default=0.995, help="EMA of G (default %(default)s)")
-    add("--regression-weight", type=float, default=0.0, help="lambda of DMD's regression loss, pixel MSE "
+    add("--t-max", type=in_range(float, 0, 1), default=0.98, help="(default %(default)s)")
+    add("--ema-decay", type=in_range(float, 0, 1, high_excluded=True), default=0.995, help="EMA of G (default %(default)s)")
+    add("--regression-weight", type=in_range(float, 0), default=0.0, help="lambda of DMD's regression loss, pixel MSE "
         "(DMD: 0.25; default %(default)s, off)")
-    add("--regression-pairs", type=int, default=1000, help="(noise, teacher sample) pairs (default %(default)s)")
+    add("--regression-pairs", type=at_least_1, default=1000, help="(noise, teacher sample) pairs (default %(default)s)")
     add("--regression-sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help="(default %(default)s)")
-    add("--regression-steps", type=int, default=DEFAULT_STEPS, help="(default %(default)s)")
-    add("--seed", type=int, default=0, help="every random draw derives from it and the step (default %(default)s)")
+    add("--regression-steps", type=at_least_1, default=DEFAULT_STEPS, help="(default %(default)s)")
+    add("--seed", type=in_range(int, 0), default=0, help="every random draw derives from it and the step (default %(default)s)")
     add("--results-dir", default="results", help="(default %(default)s)")
     add("--run-name", default=None, help="default: distill-<teacher run>[-<router>[-c<chunk>]]-k<K>")
     add("--resume", default=None, help="a checkpoint path, or 'auto' for the newest in the run directory")
-    add("--log-every", type=int, default=20, help="(default %(default)s)")
-    add("--ckpt-every", type=int, default=250, help="(default %(default)s)")
-    add("--keep-ckpts", type=int, default=3, help="keep the newest k checkpoints; 0: all (default %(default)s)")
-    add("--sample-grid", type=int, default=10, help="samples per class (at most 16) in the grid written at the "
+    add("--log-every", type=at_least_1, default=20, help="(default %(default)s)")
+    add("--ckpt-every", type=at_least_1, default=250, help="(default %(default)s)")
+    add("--keep-ckpts", type=in_range(int, 0), default=3, help="keep the newest k checkpoints; 0: all (default %(default)s)")
+    add("--sample-grid", type=in_range(int, 0, 16), default=10, help="samples per class (at most 16) in the grid written at the "
         "end; 0: none (default %(default)s)")
     add("--vae", default=None, metavar="PATH_OR_ID", help="for a latent teacher: its AutoencoderKL (default: the "
         "teacher checkpoint's)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for flag in ("gen_steps", "max_steps", "batch_size", "fake_updates", "log_every", "ckpt_every",
-                 "regression_pairs", "regression_steps"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 < args.t_min < args.t_max < 1:
         parser.error(f"--t-min and --t-max need 0 < t-min < t-max < 1, got {args.t_min} and {args.t_max}")
-    if not 0 <= args.ema_decay < 1:
-        parser.error("--ema-decay must be in [0, 1)")
-    if args.regression_weight < 0:
-        parser.error("--regression-weight must be >= 0")
     if args.regression_sampler == "sde" and args.regression_steps < 2:
         parser.error("--regression-steps must be >= 2 for --regression-sampler sde")
     if args.router != "dar" and (args.chunk != 1 or args.query != "static"):

@@ -160,8 +160,9 @@ def run_distill(*flags):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--gen-steps", "0"], "--gen-steps must be >= 1, got 0"),
-    (["--fake-updates", "0"], "--fake-updates must be >= 1, got 0"),
+    (["--gen-steps", "0"], "argument --gen-steps: expected an integer >= 1, got '0'"),
+    (["--fake-updates", "0"], "argument --fake-updates: expected an integer >= 1, got '0'"),
+    (["--keep-ckpts", "-1"], "argument --keep-ckpts: expected an integer >= 0, got '-1'"),
     (["--t-min", "0.5", "--t-max", "0.4"], "--t-min and --t-max need 0 < t-min < t-max < 1"),
     (["--chunk", "4"], "--chunk and --query apply to --router dar only")])
 def test_bad_flags(flags, message, capsys):
