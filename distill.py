@@ -206,7 +206,8 @@ def parse_args(argv=None):
     add("--run-name", default=None, help="default: distill-<teacher run>[-<router>[-c<chunk>]]-k<K>")
     add("--resume", default=None, help="a checkpoint path, or 'auto' for the newest in the run directory")
     add("--log-every", type=at_least_1, default=20, help="(default %(default)s)")
-    add("--ckpt-every", type=at_least_1, default=250, help="(default %(default)s)")
+    add("--ckpt-every", type=at_least_1, default=200,
+        help="(default %(default)s; a multiple of --log-every, so that a resumed run logs the same numbers)")
     add("--keep-ckpts", type=in_range(int, 0), default=3, help="keep the newest k checkpoints; 0: all (default %(default)s)")
     add("--sample-grid", type=in_range(int, 0, 16), default=10, help="samples per class (at most 16) in the grid written at the "
         "end; 0: none (default %(default)s)")
