@@ -516,17 +516,18 @@ def symptom_tables(reports):
     hidden-state RMS of the last block over the first, gradient norm of the first block over the last, and
     the mean cosine of adjacent blocks (blocks 2..L against the one before; block 1's is against v0)."""
     t_grid = reports[0]["t_grid"]
-    measures = (("RMS of the last block's hidden state over the first's", lambda b: b["rms"][-1] / b["rms"][0]),
-                ("gradient norm at the first block over the last", lambda b: b["grad_norm"][0] / b["grad_norm"][-1]),
-                ("mean cosine of adjacent blocks", lambda b: statistics.mean(b["cosine"][1:])))
+    measures = (("RMS of the last block's hidden state over the first's", ".3g", lambda b: b["rms"][-1] / b["rms"][0]),
+                ("gradient norm at the first block over the last", ".3g",
+                 lambda b: b["grad_norm"][0] / b["grad_norm"][-1] if b["grad_norm"][-1] else math.inf),
+                ("mean cosine of adjacent blocks", ".4f", lambda b: statistics.mean(b["cosine"][1:])))
     lines = []
-    for title, measure in measures:
+    for title, digits, measure in measures:
         lines += [f"{title}:", "", "| run | blocks | all t | " + " | ".join(f"t {t:.2f}" for t in t_grid) + " |",
                   "|---|---|---|" + "---|" * len(t_grid)]
         for r in reports:
             per_t = [measure({name: values[ti] for name, values in r["by_t"].items()}) for ti in range(len(t_grid))]
-            lines.append(f"| {r['label']} | {r['depth']} | {measure(r['overall']):.3f} | "
-                         + " | ".join(f"{v:.3f}" for v in per_t) + " |")
+            lines.append(f"| {r['label']} | {r['depth']} | {measure(r['overall']):{digits}} | "
+                         + " | ".join(f"{v:{digits}}" for v in per_t) + " |")
         lines.append("")
     return lines
 
