@@ -516,8 +516,8 @@ def symptom_tables(reports):
     hidden-state RMS of the last block over the first, gradient norm of the first block over the last, and
     the mean cosine of adjacent blocks (blocks 2..L against the one before; block 1's is against v0)."""
     t_grid = reports[0]["t_grid"]
-    measures = (("RMS of the last block's hidden state over the first's", ".3g", lambda b: b["rms"][-1] / b["rms"][0]),
-                ("gradient norm at the first block over the last", ".3g",
+    measures = (("RMS of the last block's hidden state over the first's", "#.3g", lambda b: b["rms"][-1] / b["rms"][0]),
+                ("gradient norm at the first block over the last", "#.3g",
                  lambda b: b["grad_norm"][0] / b["grad_norm"][-1] if b["grad_norm"][-1] else math.inf),
                 ("mean cosine of adjacent blocks", ".4f", lambda b: statistics.mean(b["cosine"][1:])))
     lines = []

@@ -173,7 +173,7 @@ def test_report_only_rebuilds_the_deep_report_from_the_kept_logs(tmp_path):
     text = (out / "results.md").read_text()
     assert "| residual d48 | 1 | 0.2700 |" in text and "| DAR timestep c4 d48 | 1 | 0.2500 |" in text
     assert "| depth-residual-d6-s0@2000 | 6 | 1.65 | 1.45 | 1.83 |" in text  # RMS last / first
-    assert "| depth-residual-d48-s0@2000 | 48 | 48 | 48 | 48 |" in text  # gradient first / last
+    assert "| depth-residual-d48-s0@2000 | 48 | 48.0 | 48.0 | 48.0 |" in text  # gradient first / last
     assert "| depth-residual-d12-s0@2000 | 12 | 0.9050 | 0.9000 | 0.9100 |" in text  # adjacent cosine
     assert "| residual | 0.3000 | 0.2800 | 0.2900 | 0.001 |" in text
     assert "| DAR static c4 | 0.2700 | 0.2900 | 0.3100 | 0.0003 |" in text
