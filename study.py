@@ -31,9 +31,9 @@ diagnose.py figures of residual against the best DAR, and runs/<run>/ (each run'
 As each job finishes, what the report needs is kept in --out-dir at once (runs/<run>/log.jsonl, fid.json,
 samples.png; <diagnosis>/diagnose.json trimmed to what the figures draw; routing-long/routing.json), so
 that it can be committed, and the report (results.md and every figure) is rebuilt from those files alone.
-Cost, measured one thread per job beside two other jobs on the 2-core machine (docs/study-deep.md):
-  depth 1 h 55 min of one core (about 1 h 5 min on two), lr 35 min (20 min), long 5 h 30 min (2 h 50 min):
-  8 CPU-hours, about 4 h on two cores.
+Cost, from step, evaluation, sampling and diagnosis times measured on one thread beside two other jobs on
+the 2-core machine (the table is in docs/study-deep.md): depth 2 h 10 min of one core (1 h 15 min on the
+two lanes), lr 40 min (20 min), long 6 h (3 h); 8.8 CPU-hours, 4 h 35 min on two cores.
 """
 import argparse
 import json
