@@ -59,7 +59,7 @@ NOISE_SEEDS = (0, 1, 2)
 ROUTING_T = (0.1, 0.9)  # low t is mostly noise, high t mostly data (method.md section 5)
 ROUTING_IMAGES = 128
 SETTINGS = argparse.Namespace(max_steps=800, fid_samples=500, fid_reference=1000)  # main() sets the flags
-# The deep study; tests shrink it. depth_lr is the router study's lr, train.py's default for the CPU configs.
+# The deep study (docs/study-deep.md). depth_lr is the router study's lr, train.py's default for the CPU configs.
 DEEP = argparse.Namespace(batch=16, depth_steps=2000, lr_steps=1000, long_steps=4000, lrs=(3e-4, 1e-3, 3e-3),
                           depth_lr=1e-3, long_evals=16, images=128)
 DEPTHS = (6, 12, 24, 48)
@@ -123,7 +123,8 @@ def final_eval(root, run_name, steps):
 
 
 def finished(root, run):
-    return final_eval(root, run.name, run.steps) is not None and (not run.grid or (root / run.name / "samples.png").exists())
+    has_grid = not run.grid or (root / run.name / "samples.png").exists()
+    return final_eval(root, run.name, run.steps) is not None and has_grid
 
 
 def best_query(results):
@@ -194,7 +195,8 @@ def deep_diagnoses(runs):
         "diagnose-depth": ("depth", [run for run in depth if run.router == "residual"], []),
         "diagnose-depth-dar": ("depth", [run for run in depth if run.model == f"SiT-N{DEPTHS[-1]}/4"], []),
         "diagnose-long": ("long", [run for run in long if run.seed == NOISE_SEEDS[0]], []),
-        "routing-long": ("long", [run for run in long if run.router == "dar"], ["--t-grid", ",".join(map(str, ROUTING_T))]),
+        "routing-long": ("long", [run for run in long if run.router == "dar"],
+                         ["--t-grid", ",".join(map(str, ROUTING_T))]),
     }
     return {name: diagnosis for name, diagnosis in chosen.items() if diagnosis[1]}
 
@@ -225,14 +227,16 @@ def train_job(results, run, keep=None):
 
 def score_job(results, run, first, keep=None):
     """FID of a run; the first one computes and caches the reference statistics for all the others."""
-    return Job(f"score-{run.name}", [sys.executable, __file__, "--fid-samples", str(SETTINGS.fid_samples),
-                                     "--fid-reference", str(SETTINGS.fid_reference), "--score", str(results / run.name)],
+    command = [sys.executable, __file__, "--fid-samples", str(SETTINGS.fid_samples), "--fid-reference",
+               str(SETTINGS.fid_reference), "--score", str(results / run.name)]
+    return Job(f"score-{run.name}", command,
                [f"train-{run.name}"] + ([f"score-{first}"] if run.name != first else []),
                (results / run.name / "fid.json").exists(), keep)
 
 
 def diagnose_job(results, name, runs, flags, keep=None):
-    checkpoints = [a for run in runs for a in ("--ckpt", str(latest_checkpoint(results / run.name) or results / run.name))]
+    checkpoints = [a for run in runs
+                   for a in ("--ckpt", str(latest_checkpoint(results / run.name) or results / run.name))]
     return Job(name, [sys.executable, "diagnose.py", *checkpoints, *flags, "--out-dir", str(results / name)],
                [f"train-{run.name}" for run in runs], (results / name / "diagnose.json").exists(), keep)
 
@@ -393,7 +397,8 @@ def final_table(root, grouped, extra=None):
              "|---|---|---|---|---|---|---|"]
     for label, runs in {**grouped, **(extra or {})}.items():
         finals = [final_eval(root, r.name, r.steps) for r in runs]
-        fids = [json.loads((root / r.name / "fid.json").read_text()) for r in runs if (root / r.name / "fid.json").exists()]
+        fids = [json.loads((root / r.name / "fid.json").read_text()) for r in runs
+                if (root / r.name / "fid.json").exists()]
         cell = lambda key, digits: mean_spread([f[key] for f in fids], digits) if fids else "-"  # noqa: E731
         lines.append(f"| {label} | {len(runs)} | {mean_spread([f['val_loss_ema'] for f in finals])} | "
                      f"{mean_spread([f['val_loss'] for f in finals])} | {cell('fid', 1)} | {cell('precision', 3)} | "
@@ -579,7 +584,8 @@ def deep_report(out_dir, plan):
         if rows.exists():
             text += [f"How far the routing moved (EMA weights, {DEEP.images} held-out images):", "",
                      *routing_lines(json.loads(rows.read_text())["rows"]), ""]
-        text += diagnosis_section(out_dir, "diagnose-long", f"The three routers at 24 blocks after {DEEP.long_steps} steps")
+        text += diagnosis_section(out_dir, "diagnose-long",
+                                  f"The three routers at 24 blocks after {DEEP.long_steps} steps")
         text += [f"![{label}](runs/{runs[0].name}/samples.png)" for label, runs in long.items()
                  if (root / runs[0].name / "samples.png").exists()]
     (out_dir / "results.md").write_text("\n".join(text) + "\n")
@@ -605,7 +611,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     deep = args.plan != "router"
     if deep and args.max_steps is not None:
-        parser.error(f"--max-steps is the router study's; the deep study's steps are fixed per part (--plan {args.plan})")
+        parser.error(f"--max-steps sets the router study's steps; the deep study's are fixed (--plan {args.plan})")
     SETTINGS.max_steps = args.max_steps or SETTINGS.max_steps
     SETTINGS.fid_samples = args.fid_samples or (1000 if deep else 500)
     SETTINGS.fid_reference = args.fid_reference
