@@ -25,6 +25,11 @@ Prints a table (one row per block, one column group per checkpoint) and writes t
 
 draws the EMA validation curves of runs (from their log.jsonl) into <out-dir>/val_loss.png instead.
 
+    python diagnose.py --redraw docs/study-deep/depth/diagnose.json
+
+draws the figures of a diagnose.json again, without the checkpoints (routing figures only for the reports
+that kept the consumers they draw).
+
     python diagnose.py --spectrum teacher=results/A/samples/X.npz "one-step G"=results/B/samples/Y.npz
 
 measures high-frequency detail instead: the radially averaged power spectrum of generated images (sample.py
@@ -783,7 +788,16 @@ def main(argv=None):
     parser.add_argument("--spectrum-ref", default="fashion-mnist", metavar="NPZ",
                         help="the real images of --spectrum: 'fashion-mnist' (its test split) or an images npz")
     parser.add_argument("--spectrum-images", type=int, default=1000, help="images of each set for --spectrum")
+    parser.add_argument("--redraw", metavar="DIAGNOSE_JSON", default=None,
+                        help="instead of diagnosing checkpoints: draw the figures of this diagnose.json again, into "
+                        "--out-dir (default: the folder holding it)")
     args = parser.parse_args(argv)
+    if args.redraw:
+        try:
+            redraw(args.redraw, args.out_dir or os.path.dirname(os.path.abspath(args.redraw)))
+        except ValueError as e:
+            parser.error(str(e))
+        return None
     if args.spectrum:
         if args.spectrum_images < 1:
             parser.error("--spectrum-images must be >= 1")
@@ -837,19 +851,36 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
     os.makedirs(out_dir, exist_ok=True)
     print_table(reports)
-    written = [os.path.join(out_dir, "diagnose.json"), os.path.join(out_dir, "symptoms.png"),
-               os.path.join(out_dir, "symptoms_by_t.png")]
-    with open(written[0], "w") as f:
+    with open(os.path.join(out_dir, "diagnose.json"), "w") as f:
         json.dump({"reports": reports}, f, indent=1)
-    subtitle = f"mean over {reports[0]['num_images']} held-out images x {len(args.t_grid)} values of t"
-    draw_symptoms(reports, written[1], subtitle)
-    draw_symptoms_by_t(reports, args.t_grid, written[2])
+    print("wrote " + ", ".join([os.path.join(out_dir, "diagnose.json"), *draw_figures(reports, out_dir)]))
+    return reports
+
+
+def draw_figures(reports, out_dir):
+    """symptoms.png, symptoms_by_t.png and a routing figure per report that holds its drawn consumers; the paths."""
+    written = [os.path.join(out_dir, "symptoms.png"), os.path.join(out_dir, "symptoms_by_t.png")]
+    t_grid = reports[0]["t_grid"]
+    draw_symptoms(reports, written[0], f"mean over {reports[0]['num_images']} held-out images x {len(t_grid)} values of t")
+    draw_symptoms_by_t(reports, t_grid, written[1])
     for r in reports:
-        if r["routing"] is not None:
+        if r["routing"] is not None and all(str(l) in r.get("consumers", {}) for l in r["layers"]):
             written.append(os.path.join(out_dir, f"routing_{safe_name(r['label'])}.png"))
             draw_routing(r, r["layers"], written[-1])
-    print("wrote " + ", ".join(written))
-    return reports
+    return written
+
+
+def redraw(path, out_dir):
+    """--redraw: the figures of a diagnose.json written earlier (possibly trimmed to the consumers it draws)."""
+    try:
+        with open(path) as f:
+            reports = json.load(f)["reports"]
+        if not reports or any(key not in r for r in reports for key in ("label", "t_grid", "overall", "by_t")):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--redraw {path}: not a diagnose.json (as diagnose.py writes it)") from None
+    os.makedirs(out_dir, exist_ok=True)
+    print("wrote " + ", ".join(draw_figures(reports, out_dir)))
 
 
 if __name__ == "__main__":

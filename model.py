@@ -324,7 +324,8 @@ def get_1d_sincos_pos_embed(embed_dim, pos):
 #                                   SiT Configs                                 #
 #################################################################################
 
-# name: (depth, hidden_size, num_heads). S/B/L/XL are SiT's; T (tiny) and D (deep-tiny) train on a laptop CPU.
+# name: (depth, hidden_size, num_heads). S/B/L/XL are SiT's; T (tiny), D (deep-tiny) and N6..N48 (narrow: the
+# depth series of docs/study-deep.md, one width so that only depth changes) train on a laptop CPU.
 SIT_SIZES = {
     "XL": (28, 1152, 16),
     "L": (24, 1024, 16),
@@ -332,7 +333,9 @@ SIT_SIZES = {
     "S": (12, 384, 6),
     "T": (12, 128, 4),
     "D": (24, 96, 4),
+    **{f"N{depth}": (depth, 64, 4) for depth in (6, 12, 24, 48)},
 }
+TINY_SIZES = ("T", "D", "N6", "N12", "N24", "N48")  # the CPU configs: train.py gives them lr 1e-3 and EMA 0.995
 
 
 def _make_config(depth, hidden_size, num_heads, patch_size):

@@ -256,6 +256,23 @@ def test_end_to_end_on_a_residual_and_a_dar_checkpoint(tmp_path, capsys):
         assert os.path.getsize(out_dir / name) > 0 and Image.open(out_dir / name).size == size
 
 
+def test_redraw_from_a_trimmed_json_gives_the_same_figures(tmp_path):
+    results = tmp_path / "results"
+    save_checkpoint(results, "residual", 0)
+    save_checkpoint(results, "dar", 1)
+    diagnose.main(["--results-dir", str(results), "--num-images", "4", "--batch-size", "4", "--t-grid", "2",
+                   "--layers", "3,final", "--device", "cpu"])
+    reports = json.loads((results / "diagnose" / "diagnose.json").read_text())["reports"]
+    dar, residual = reports
+    dar["consumers"] = {str(l): dar["consumers"][str(l)] for l in dar["layers"]}  # what the figures draw
+    del residual["consumers"]
+    (tmp_path / "trimmed.json").write_text(json.dumps({"reports": reports}))
+    diagnose.main(["--redraw", str(tmp_path / "trimmed.json")])
+    for name in ("symptoms.png", "symptoms_by_t.png", "routing_SiT-T-8-dar_7.png"):
+        assert Image.open(tmp_path / name).tobytes() == Image.open(results / "diagnose" / name).tobytes(), name
+    assert not (tmp_path / "routing_SiT-T-8-residual_7.png").exists()
+
+
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--ckpt", str(tmp_path / "missing.pt")])
@@ -267,6 +284,10 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--results-dir", str(tmp_path)])
     assert "no checkpoints" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"runs": []}')
+    with pytest.raises(SystemExit):
+        diagnose.main(["--redraw", str(tmp_path / "other.json")])
+    assert "--redraw" in capsys.readouterr().err
 
 
 #################################################################################

@@ -221,6 +221,8 @@ def test_defaults_and_run_name():
     assert (args.model, args.lr, args.ema_decay, args.run_name) == ("SiT-T/4", 1e-3, 0.995, "SiT-T-4-dar-static-c4")
     args = train.parse_args(["--model", "SiT-XL/2"])
     assert (args.lr, args.ema_decay, args.run_name) == (1e-4, 0.9999, "SiT-XL-2-residual")
+    args = train.parse_args(["--model", "SiT-N48/4"])  # the deep study's depth series: CPU configs too
+    assert (args.lr, args.ema_decay, args.run_name) == (1e-3, 0.995, "SiT-N48-4-residual")
     args = train.parse_args(["--router", "dar", "--query", "timestep", "--logit-scale", "one"])
     assert args.run_name == "SiT-T-4-dar-timestep-c1-logit-one"
     with pytest.raises(SystemExit):

@@ -56,7 +56,7 @@ from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, lo
                         remove_partial_files, run_distributed, save_checkpoint, step_seed)
 from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, to_model_space
 from flow import flow_matching_loss, write_sample_grid
-from model import SIT_SIZES, SiT_models, create_model, load_backbone, update_ema
+from model import SIT_SIZES, TINY_SIZES, SiT_models, create_model, load_backbone, update_ema
 from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
 
 #################################################################################
@@ -346,15 +346,12 @@ def check_resume_compatible(checkpoint, path, model_config, data_info, repa_on):
 #                                    Training                                    #
 #################################################################################
 
-TINY_SIZES = ("T", "D")  # the CPU configs of model.py
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     at_least_1, at_least_0, number_at_least_0 = in_range(int, 1), in_range(int, 0), in_range(float, 0)
     add("--model", default="SiT-T/4", choices=list(SiT_models), metavar="NAME",
-        help="SiT config: SiT-{XL,L,B,S,T,D}/{2,4,8} (default %(default)s)")
+        help="SiT config: SiT-{XL,L,B,S,T,D,N6,N12,N24,N48}/{2,4,8} (default %(default)s)")
     add("--router", default="residual", choices=ROUTERS, help="cross-layer routing (default %(default)s)")
     add("--query", default="static", choices=QUERIES, help="DAR query, Eq. 6 (default %(default)s)")
     add("--chunk", type=at_least_1, default=1,
@@ -370,9 +367,9 @@ def parse_args(argv=None):
     add("--max-steps", type=at_least_1, default=1500, help="(default %(default)s)")
     add("--global-batch-size", type=at_least_1, default=64, help="summed over all processes (default %(default)s)")
     add("--lr", type=number_at_least_0, default=None,
-        help="AdamW learning rate (default 1e-4; 1e-3 for the tiny T/D configs)")
+        help="AdamW learning rate (default 1e-4; 1e-3 for the tiny T/D/N configs)")
     add("--ema-decay", type=in_range(float, 0, 1, high_excluded=True), default=None,
-        help="default 0.9999; 0.995 for the tiny T/D configs")
+        help="default 0.9999; 0.995 for the tiny T/D/N configs")
     add("--label-dropout", type=in_range(float, 0, 1), default=0.1,
         help="class label dropout for CFG (default %(default)s)")
     add("--grad-clip", type=number_at_least_0, default=0.0, help="max gradient norm; 0: no clipping (default)")
