@@ -455,6 +455,21 @@ def test_under_autocast_every_source_is_bf16(kernel, monkeypatch):
     assert dtypes == [{torch.bfloat16}] * (2 * DEPTH)  # consumers 2..2L+1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_source_is_contiguous(precision, monkeypatch):
+    """The patch embedding hands v_0 over transposed in memory: the router copies it once per forward pass, so
+    that no consumer reads it against the grain (and the C++ kernel, which needs contiguous sources, never
+    copies it)."""
+    model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32))
+    layouts = []
+    mix = router.mix_sources
+    monkeypatch.setattr(router, "mix_sources", lambda sources, *args, **kwargs: layouts.append(
+        all(s.is_contiguous() for s in sources)) or mix(sources, *args, **kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(*batch(dtype=torch.float32))
+    assert layouts == [True] * (2 * DEPTH)
+
+
 @pytest.mark.parametrize("query", ["timestep", "dynamic"])
 def test_compiled_dar_model_has_no_graph_break(query):
     model = perturb(tiny("dar", query, chunk=4, dtype=torch.float32, kernel="cpu"))
