@@ -384,8 +384,10 @@ def _load_cpu_kernel():
               file=sys.stderr, flush=True)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
+        # OpenMP: at::parallel_for spreads the tokens over torch's threads (Linux: torch ships the same libgomp)
+        openmp = ["-fopenmp"] if sys.platform == "linux" else []
         cpp_extension.load(name="dar_cpu", sources=[str(Path(__file__).with_name("router_cpu.cpp"))],
-                           extra_cflags=["-O3", "-fopenmp-simd"], build_directory=str(build_dir),
+                           extra_cflags=["-O3", *openmp], extra_ldflags=openmp, build_directory=str(build_dir),
                            is_python_module=False)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

@@ -404,6 +404,43 @@ def test_cpu_dar_mix_matches_dar_mix_and_passes_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda q, g, *s: cpu_dar_mix(list(s), q, g)[0], leaves)
 
 
+@pytest.mark.parametrize("kind", ["static", "timestep", "dynamic"])
+def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind):
+    """The kernel splits the tokens over threads and each thread sums its own share of the query gradient:
+    every thread's share must reach dL/dq and dL/dg."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        query, gain, *sources = leaves = mix_inputs(kind, n=5, batch=3, tokens=50, dim=24)
+        h, _ = cpu_dar_mix(sources, query, gain)
+        grads = torch.autograd.grad(h, leaves, torch.ones_like(h))
+    finally:
+        torch.set_num_threads(threads)
+    h_ref, _ = dar_mix(sources, query, gain)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+    for grad, grad_ref in zip(grads, torch.autograd.grad(h_ref, leaves, torch.ones_like(h))):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys):
+    """A machine that cannot build router_cpu.cpp still trains (kernel auto: dar_mix) and kernel cpu is a clear
+    error; the build failure is reported once, in one line."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'dar_cpu'\nc++: command not found")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(router, "_cpu_kernel_loaded", {})
+    monkeypatch.setattr(router, "dar_mix", lambda *args: calls.append(1) or dar_mix(*args))
+    calls = []
+    model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="auto"))
+    model(*batch(dtype=torch.float32)).sum().backward()
+    assert len(calls) == 2 * DEPTH
+    assert "could not be built (c++: command not found)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="kernel 'cpu' needs router_cpu.cpp compiled"):
+        perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="cpu"))(*batch(dtype=torch.float32))
+
+
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
 @pytest.mark.parametrize("chunk", [1, 4, 8, 5])
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
