@@ -11,7 +11,7 @@ summarized by their medians, and compared with plain PyTorch.
 256 tokens per image, d = 1152; N = 19 bounds chunk 4 (1 + M + S), 57 is dense), forward and backward, with
   torch    router.dar_mix, the plain PyTorch reference
   compile  torch.compile of it (inductor; compiled at its first call, once per source count N)
-  cpu      router.cpu_dar_mix, the custom op with a hand-written backward (kernel "cpu", "auto" on CPU)
+  cpu      router.cpu_dar_mix, the C++ kernel of router_cpu.cpp (kernel "cpu", "auto" on CPU)
   triton   router_triton.fused_dar_mix, the fused kernel (CUDA; on CPU only in Triton's interpreter,
            TRITON_INTERPRET=1, which checks that the benchmark runs but whose times mean nothing)
 `first call s` is the first forward+backward of each implementation for each N, untimed otherwise: for

@@ -1,13 +1,14 @@
 // router_cpu.cpp: paper Eq. 5 for one DAR consumer on the CPU, forward and backward, one token at a time.
 //
-// router.py compiles this file the first time kernel "cpu" (the default on CPU) is used, with PyTorch's
-// C++ extension loader (a C++ compiler and ninja are needed; the build is cached), and wraps the two
-// functions as the custom op dar::mix. Nothing here is meant to be called directly.
+// Not run directly: router.py compiles this file with PyTorch's C++ extension loader the first time kernel
+// "cpu" (the default on CPU) is needed (a C++ compiler and ninja; the build is cached per machine), which
+// defines the ops dar::mix and dar::mix_backward below; router.py registers their autograd and shapes, and
+// router.cpu_dar_mix calls dar::mix. The readable reference of the same numbers is router.dar_mix.
 //
 // Why C++: eager PyTorch computes Eq. 5 as about ten passes over memory per (consumer, source) pair, each
 // allocating a temporary; on a CPU that traffic is what DAR costs. Here each token's d features of every
 // source are read once from memory; the norm, the logit, the softmax and the weighted sum (forward), and
-// the source, query and gain gradients (backward) then work on them while they sit in the L1 cache.
+// the source, query and gain gradients (backward) then work on them while they are still in cache.
 //
 // Symbols of docs/method.md section 3, per token: s_i (source i), r_i = rms(s_i)^-1,
 // z_i = (q g . s_i) r_i / sqrt(d), alpha = softmax_i(z), h = sum_i alpha_i s_i. Backward with upstream dh:
