@@ -18,6 +18,7 @@ import functools
 import math
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ QUERIES = ("static", "timestep", "dynamic")
 KERNELS = ("auto", "torch", "cpu", "triton")  # how DAR computes Eq. 5: see mix_sources
 LOGIT_SCALES = ("inv-sqrt-d", "one")  # z_i = q . k_i / sqrt(d) (method.md) or q . k_i (AttnRes), an ablation
 RMS_EPS = 1e-6
+STALE_BUILD_LOCK_S = 600  # router_cpu.cpp compiles in about a minute; a build lock this old was abandoned
 
 
 def build_router(name, depth, hidden_size, query="static", chunk=1, kernel="auto", logit_scale="inv-sqrt-d"):
@@ -375,13 +377,22 @@ def cpu_kernel_available():
     return _cpu_kernel_loaded["ok"]
 
 
-def _load_cpu_kernel():
+def _cpu_kernel_build_dir():
+    """One build per torch and Python version: an extension built against another torch would not load."""
     from torch.utils import cpp_extension
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "-")
-    build_dir = Path(cpp_extension.get_default_build_root()) / f"dar_cpu-{version}"
+    return Path(cpp_extension.get_default_build_root()) / f"dar_cpu-{version}"
+
+
+def _load_cpu_kernel():
+    from torch.utils import cpp_extension
+    build_dir = _cpu_kernel_build_dir()
     if not any(build_dir.glob("dar_cpu*.so")):
         print("router: compiling the CPU routing kernel router_cpu.cpp (once per machine, about a minute)",
               file=sys.stderr, flush=True)
+    stale_lock = build_dir / "lock"  # left by a process killed while compiling: later loads would wait forever
+    if stale_lock.exists() and time.time() - stale_lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+        stale_lock.unlink(missing_ok=True)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         # OpenMP: at::parallel_for spreads the tokens over torch's threads (Linux: torch ships the same libgomp)

@@ -3,6 +3,9 @@
 Run: python -m pytest -q test_router.py
 """
 import math
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -439,6 +442,27 @@ def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys
     assert "could not be built (c++: command not found)" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="kernel 'cpu' needs router_cpu.cpp compiled"):
         perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="cpu"))(*batch(dtype=torch.float32))
+
+
+@pytest.mark.parametrize("age_s, removed", [(3600, True), (5, False)])
+def test_a_build_lock_left_by_a_killed_compile_is_removed(age_s, removed, tmp_path, monkeypatch, capsys):
+    """PyTorch's extension loader waits for a build lock to go away: one left by a process killed while compiling
+    would hang every later process. An old lock is removed; a fresh one (a build in progress) is waited for."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda build_directory, **kwargs: seen.append(
+        (Path(build_directory) / "lock").exists()))
+    monkeypatch.setattr(torch.library, "register_fake", lambda *args: None)
+    monkeypatch.setattr(torch.library, "register_autograd", lambda *args, **kwargs: None)
+    build_dir = router._cpu_kernel_build_dir()
+    assert build_dir.parent == tmp_path
+    build_dir.mkdir()
+    lock = build_dir / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    assert router._load_cpu_kernel() is True
+    assert seen == [not removed]
 
 
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
