@@ -11,7 +11,7 @@ summarized by their medians, and compared with plain PyTorch.
 256 tokens per image, d = 1152; N = 19 bounds chunk 4 (1 + M + S), 57 is dense), forward and backward, with
   torch    router.dar_mix, the plain PyTorch reference
   compile  torch.compile of it (inductor; compiled at its first call, once per source count N)
-  cpu      router.cpu_dar_mix, the custom op with a hand-written backward (kernel "cpu", "auto" on CPU)
+  cpu      router.cpu_dar_mix, the C++ kernel of router_cpu.cpp (kernel "cpu", "auto" on CPU)
   triton   router_triton.fused_dar_mix, the fused kernel (CUDA; on CPU only in Triton's interpreter,
            TRITON_INTERPRET=1, which checks that the benchmark runs but whose times mean nothing)
 `first call s` is the first forward+backward of each implementation for each N, untimed otherwise: for
@@ -48,6 +48,14 @@ from router import KERNELS, QUERIES, RMS_EPS, Trace, cpu_dar_mix, dar_mix
 MIB = 2 ** 20
 
 
+def kernel_list(text):
+    kernels = text.split(",")
+    for kernel in kernels:
+        if kernel not in KERNELS:
+            raise argparse.ArgumentTypeError(f"{kernel!r} is not one of {', '.join(KERNELS)}")
+    return kernels
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +84,9 @@ def parse_args(argv=None):
     step.add_argument("--image-size", type=in_range(int, 1), default=32, help="(default %(default)s)")
     step.add_argument("--channels", type=in_range(int, 1), default=1, help="image channels (default %(default)s, Fashion-MNIST)")
     step.add_argument("--step-batch", type=in_range(int, 1), default=None, help="images per step; default 256 on cuda, 32 on cpu")
-    step.add_argument("--kernel", default="auto", choices=KERNELS, help="DAR implementation, as train.py --kernel")
+    step.add_argument("--kernel", default="auto", type=kernel_list,
+                      help="DAR implementation, as train.py --kernel; several, comma-separated, are interleaved "
+                           "in one run, each DAR router once per kernel (default %(default)s)")
     step.add_argument("--routers", default=None,
                       help="comma-separated router labels as in the table (default all; residual is always run)")
     step.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py")
@@ -260,10 +270,10 @@ STEP_VARIANTS = [("residual", "residual", "static", 1), ("unet", "unet", "static
     (f"dar {query} c{chunk}", "dar", query, chunk) for query in QUERIES for chunk in (1, 4, 8)]
 
 
-def step_model(args, name, router, query, chunk, device):
+def step_model(args, name, router, query, chunk, kernel, device):
     torch.manual_seed(args.seed)
     return create_model(name, input_size=args.image_size, in_channels=args.channels, num_classes=10, router=router,
-                        query=query, chunk=chunk, kernel=args.kernel).to(device)
+                        query=query, chunk=chunk, kernel=kernel).to(device)
 
 
 def matmul_flops(model, x, t, y):
@@ -299,7 +309,7 @@ def bench_step(args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     what = "training step" if args.op == "step" else "sampling (one model evaluation, no grad)"
-    print(f"{what}, {where}, {args.precision}, kernel {args.kernel}: batch {batch} of {args.channels} x "
+    print(f"{what}, {where}, {args.precision}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
           f"{args.image_size}^2 images; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
           f"ratios to residual")
     tables = {}
@@ -311,12 +321,14 @@ def bench_step(args):
         y = torch.randint(0, 10, (batch,), generator=generator).to(device)
         variants = {}
         for label, router, query, chunk in STEP_VARIANTS:
-            if label in chosen:
-                model = step_model(args, name, router, query, chunk, device)
-                variants[label] = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                                       velocity=guided_velocity(model.eval() if args.op == "sample" else model, y),
-                                       flops=matmul_flops(model, x, t, y), sources=live_sources(model, x, t, y),
-                                       times=[])
+            kernels = args.kernel if router == "dar" else args.kernel[:1]  # the kernel is DAR's alone
+            for kernel in kernels if label in chosen else []:
+                model = step_model(args, name, router, query, chunk, kernel, device)
+                variant_label = label + (f" ({kernel})" if len(kernels) > 1 else "")
+                variants[variant_label] = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                               velocity=guided_velocity(model.eval() if args.op == "sample" else model, y),
+                                               flops=matmul_flops(model, x, t, y), sources=live_sources(model, x, t, y),
+                                               times=[])
 
         def train_step(variant):
             with autocast:

@@ -16,7 +16,11 @@ Also here: the REPA projector and loss (method.md section 4), which read the hid
 """
 import functools
 import math
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,6 +31,7 @@ QUERIES = ("static", "timestep", "dynamic")
 KERNELS = ("auto", "torch", "cpu", "triton")  # how DAR computes Eq. 5: see mix_sources
 LOGIT_SCALES = ("inv-sqrt-d", "one")  # z_i = q . k_i / sqrt(d) (method.md) or q . k_i (AttnRes), an ablation
 RMS_EPS = 1e-6
+STALE_BUILD_LOCK_S = 600  # router_cpu.cpp compiles in about a minute; a build lock this old was abandoned
 
 
 def build_router(name, depth, hidden_size, query="static", chunk=1, kernel="auto", logit_scale="inv-sqrt-d"):
@@ -203,13 +208,15 @@ def dar_mix(sources, query, gain, eps=RMS_EPS):
 
 
 def mix_sources(sources, query, gain, kernel="auto", need_alpha=True):
-    """Eq. 5 with the chosen implementation: kernel "torch" is dar_mix, "cpu" cpu_dar_mix (a custom op with
-    a hand-written backward, below), "triton" the fused kernel of router_triton (imported only here, so that
-    the rest of the project never needs triton), "auto" the fused kernel for CUDA sources and cpu_dar_mix
-    elsewhere. alpha may be None when need_alpha is False."""
+    """Eq. 5 with the chosen implementation: kernel "torch" is dar_mix, "cpu" cpu_dar_mix (the C++ kernel of
+    router_cpu.cpp as a custom op, below), "triton" the fused kernel of router_triton (imported only here, so
+    that the rest of the project never needs triton), "auto" the fused kernel for CUDA sources and cpu_dar_mix
+    elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when need_alpha is False."""
+    if kernel == "auto" and not sources[0].is_cuda:
+        kernel = "cpu" if cpu_kernel_available() else "torch"
     if kernel == "torch":
         return dar_mix(sources, query, gain)
-    if kernel == "cpu" or (kernel == "auto" and not sources[0].is_cuda):
+    if kernel == "cpu":
         return cpu_dar_mix(sources, query, gain)
     from router_triton import fused_dar_mix
     return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha)
@@ -333,124 +340,86 @@ class DARRoute(Route):
 
 
 #################################################################################
-#        dar: Eq. 5 as a custom op with a hand-written backward (CPU path)       #
+#             dar: Eq. 5 by a compiled C++ kernel, the custom op dar::mix         #
 #################################################################################
 
 def cpu_dar_mix(sources, query, gain, eps=RMS_EPS):
-    """Eq. 5 for one consumer, as dar_mix (same arguments and results), in few passes over each source.
+    """Eq. 5 for one consumer, as dar_mix (same arguments and results), by the C++ kernel of router_cpu.cpp.
 
     dar_mix leaves autograd to record about ten ops on [B, T, d] tensors per source, each a pass over
     memory that allocates a fresh temporary; on a CPU that traffic, not the arithmetic, is what DAR costs.
-    Here one loop reads each source once, while it is in cache: its norm, a matrix-vector product for the
-    logit and an in-place multiply-add into h (an online softmax); the backward, written by hand, is one such
-    loop too, and keeps only h and [N, B, T] statistics besides the sources. It is the custom op dar::mix,
-    so that torch.compile captures a whole DAR model and calls it as it is.
-    bf16/fp16 sources are read as they are (one source at a time converted) and accumulated in float32.
-
-    Backward, per token, with r_i = rms(s_i)^-1, z_i = (q g . s_i) r_i / sqrt(d) and upstream gradient dh:
-      through h = sum_i alpha_i s_i and the softmax, dz_i = alpha_i (dh . s_i - delta) with delta = dh . h
-      (h is saved: the next sublayer's LayerNorm keeps it anyway); with dr_i/ds_i = -r_i^3 s_i / d,
-      dL/ds_i = alpha_i dh + c_i q g - dz_i z_i r_i^2 / d s_i,  where c_i = dz_i r_i / sqrt(d);
-      dL/d(q g) = sum_i c_i s_i, summed over the tokens that share q; dq = g dL/d(q g), dg = q dL/d(q g).
+    The kernel works one token at a time: each source's d features are read from memory once, and the norm,
+    logit, softmax and weighted sum (forward) or every gradient (backward, written by hand: the formulas are
+    in router_cpu.cpp) work on them in cache. It is the custom op dar::mix with its autograd registered, so
+    that torch.compile captures a whole DAR model and calls it as it is. bf16/fp16 sources are read as they
+    are and accumulated in float32. The kernel is compiled the first time it is needed (cpu_kernel_available).
     """
-    h, alpha, _, _ = torch.ops.dar.mix(sources, query, gain, eps)
+    if not cpu_kernel_available():
+        raise RuntimeError("kernel 'cpu' needs router_cpu.cpp compiled (a C++ compiler and ninja); "
+                           "use kernel 'torch' or 'auto'")
+    dtype = _mix_dtype(sources, query, gain)
+    if dtype == torch.float64 or any(s.dtype != sources[0].dtype for s in sources):
+        sources = [s.to(dtype) for s in sources]  # the kernel accumulates in float64 for float64 sources only
+    h, alpha, _, _ = torch.ops.dar.mix([s.contiguous() for s in sources], query, gain, eps)
     return h, alpha.permute(1, 2, 0)  # [N, B, T] -> dar_mix's [B, T, N]
 
 
-def _as_source(v0):
-    """v_0 in the layout and dtype of the other sources: one copy per forward pass instead of one per consumer.
-    The patch embedding hands it over transposed in memory, which every consumer would read against the grain,
-    and under autocast in float32 (the position embedding is) while every v_l is in the autocast dtype."""
-    device = v0.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
-    return v0.to(dtype, memory_format=torch.contiguous_format)
+_cpu_kernel_loaded = {}  # {"ok": bool} once router_cpu.cpp has been loaded, or has failed to build
 
 
-def _logit_dots(s, query_gain):
-    """q g . s per token, [B, T], for a [d] (static), [B, 1, d] (timestep) or [B, T, d] (dynamic) query."""
-    if query_gain.dim() == 1:
-        return s @ query_gain
-    if query_gain.shape[1] == 1:
-        return (s @ query_gain.mT).squeeze(-1)
-    return torch.linalg.vecdot(s, query_gain)
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into it
+def cpu_kernel_available():
+    """Compile and load router_cpu.cpp once per process (the build is cached per torch and Python version, so
+    only the first process on a machine waits for the compiler). False, with the reason printed once, where
+    it cannot be built."""
+    if "ok" not in _cpu_kernel_loaded:
+        _cpu_kernel_loaded["ok"] = _load_cpu_kernel()
+    return _cpu_kernel_loaded["ok"]
 
 
-def _add_query_gradient(grad, s, c):
-    """grad += c s summed over the tokens that share a query (c [B, T]), as a matrix product where it can."""
-    if grad.dim() == 1:
-        grad.addmv_(s.flatten(0, 1).T, c.flatten())
-    elif grad.shape[1] == 1:
-        grad.baddbmm_(c.unsqueeze(1), s)
-    else:
-        grad.addcmul_(s, c.unsqueeze(-1))
+def _cpu_kernel_build_dir():
+    """One build per torch and Python version: an extension built against another torch would not load."""
+    from torch.utils import cpp_extension
+    version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "-")
+    return Path(cpp_extension.get_default_build_root()) / f"dar_cpu-{version}"
 
 
-@torch.library.custom_op("dar::mix", mutates_args=())
-def _mix(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor,
-         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h [B, T, d], alpha, z, r), the last three [N, B, T], in the accumulation dtype."""
-    dtype, dim = _mix_dtype(sources, query, gain), sources[0].shape[-1]
-    query_gain = query.to(dtype) * gain.to(dtype)
-    logits = sources[0].new_empty((len(sources), *sources[0].shape[:-1]), dtype=dtype)
-    inv_rms = torch.empty_like(logits)
-    for i, source in enumerate(sources):
-        s = source.to(dtype)
-        torch.linalg.vector_norm(s, dim=-1, out=inv_rms[i])
-        inv_rms[i].square_().div_(dim).add_(eps).rsqrt_()
-        # z_i = q . k_i / sqrt(d) with k_i = g s_i r_i
-        torch.mul(_logit_dots(s, query_gain), inv_rms[i], out=logits[i]).div_(math.sqrt(dim))
-        # Eq. 5 as an online softmax: each source is added to h while it is still in cache, and what was summed
-        # so far is rescaled to the running maximum of the logits
-        if i == 0:
-            running_max, total = logits[0].clone(), torch.ones_like(logits[0])
-            h = s.clone() if s is source else s  # h must not alias a source
-            continue
-        new_max = torch.maximum(running_max, logits[i])
-        rescale = (running_max - new_max).exp_()
-        weight = (logits[i] - new_max).exp_()
-        total.mul_(rescale).add_(weight)
-        h.mul_(rescale[..., None]).addcmul_(s, weight[..., None])
-        running_max = new_max
-    h.div_(total[..., None])
-    alpha = (logits - running_max - total.log()).exp_()
-    return h, alpha, logits, inv_rms
+def _load_cpu_kernel():
+    from torch.utils import cpp_extension
+    build_dir = _cpu_kernel_build_dir()
+    if not any(build_dir.glob("dar_cpu*.so")):
+        print("router: compiling the CPU routing kernel router_cpu.cpp (once per machine, about a minute)",
+              file=sys.stderr, flush=True)
+    stale_lock = build_dir / "lock"  # left by a process killed while compiling: later loads would wait forever
+    if stale_lock.exists() and time.time() - stale_lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+        stale_lock.unlink(missing_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # OpenMP: at::parallel_for spreads the tokens over torch's threads (Linux: torch ships the same libgomp)
+        openmp = ["-fopenmp"] if sys.platform == "linux" else []
+        cpp_extension.load(name="dar_cpu", sources=[str(Path(__file__).with_name("router_cpu.cpp"))],
+                           extra_cflags=["-O3", *openmp], extra_ldflags=openmp, build_directory=str(build_dir),
+                           is_python_module=False)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        print(f"router: the CPU routing kernel could not be built ({reason}); kernel 'auto' uses the plain "
+              "PyTorch dar_mix instead (install a C++ compiler and ninja for the fast path)", file=sys.stderr)
+        return False
+    torch.library.register_fake("dar::mix", _mix_shapes)
+    torch.library.register_fake("dar::mix_backward", _mix_backward_shapes)
+    torch.library.register_autograd("dar::mix", _mix_gradients, setup_context=_save_for_mix_backward)
+    return True
 
 
-@_mix.register_fake
-def _(sources, query, gain, eps):
-    dtype = _mix_dtype(sources, query, gain)
+def _mix_shapes(sources, query, gain, eps):
+    """dar::mix returns (h [B, T, d], alpha, z, r), the last three [N, B, T], in the accumulation dtype."""
+    dtype = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
     stats = [sources[0].new_empty((len(sources), *sources[0].shape[:-1]), dtype=dtype) for _ in range(3)]
     return sources[0].new_empty(sources[0].shape, dtype=dtype), *stats
 
 
-@torch.library.custom_op("dar::mix_backward", mutates_args=())
-def _mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, h: torch.Tensor,
-                  alpha: torch.Tensor, logits: torch.Tensor, inv_rms: torch.Tensor,
-                  grad_h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(dL/ds_i for every source, dL/dq, dL/dg), from what dar::mix saved (cpu_dar_mix's docstring); one pass
-    of the loop per source, so that each is read while it is in cache."""
-    dtype, dim = alpha.dtype, grad_h.shape[-1]
-    grad_h = grad_h.to(dtype)
-    query_gain = query.to(dtype) * gain.to(dtype)
-    delta = torch.linalg.vecdot(grad_h, h)
-    grad_query_gain = torch.zeros_like(query_gain)
-    grad_sources = []
-    for i, source in enumerate(sources):
-        s = source.to(dtype)
-        grad = torch.mul(grad_h, s)  # first dh * s_i, for dh . s_i; then the gradient itself, in the same memory
-        grad_logit = grad.sum(dim=-1).sub_(delta).mul_(alpha[i])  # dz_i = alpha_i (dh . s_i - delta)
-        c = grad_logit * inv_rms[i] / math.sqrt(dim)
-        rms_term = (grad_logit * logits[i]).mul_(inv_rms[i].square()).div_(dim)
-        torch.mul(grad_h, alpha[i, ..., None], out=grad)
-        grad.addcmul_(c[..., None], query_gain).addcmul_(s, rms_term[..., None], value=-1)
-        _add_query_gradient(grad_query_gain, s, c)
-        grad_sources.append(grad.to(source.dtype))
-    grad_gain = (grad_query_gain * query).reshape(-1, dim).sum(dim=0)
-    return grad_sources, (grad_query_gain * gain).to(query.dtype), grad_gain.to(gain.dtype)
-
-
-@_mix_backward.register_fake
-def _(sources, query, gain, h, alpha, logits, inv_rms, grad_h):
+def _mix_backward_shapes(sources, query, gain, h, alpha, logits, inv_rms, grad_h):
+    """dar::mix_backward returns (dL/ds_i for every source, dL/dq, dL/dg)."""
     return [torch.empty_like(s) for s in sources], torch.empty_like(query), torch.empty_like(gain)
 
 
@@ -468,7 +437,13 @@ def _mix_gradients(ctx, grad_h, *_):
     return grad_sources, grad_query, grad_gain, None
 
 
-_mix.register_autograd(_mix_gradients, setup_context=_save_for_mix_backward)
+def _as_source(v0):
+    """v_0 in the layout and dtype of the other sources: one copy per forward pass instead of one per consumer.
+    The patch embedding hands it over transposed in memory, which every consumer would read against the grain,
+    and under autocast in float32 (the position embedding is) while every v_l is in the autocast dtype."""
+    device = v0.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
+    return v0.to(dtype, memory_format=torch.contiguous_format).contiguous()  # .to returns v_0 itself if the dtype is right
 
 
 #################################################################################

@@ -3,6 +3,9 @@
 Run: python -m pytest -q test_router.py
 """
 import math
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,6 +407,64 @@ def test_cpu_dar_mix_matches_dar_mix_and_passes_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda q, g, *s: cpu_dar_mix(list(s), q, g)[0], leaves)
 
 
+@pytest.mark.parametrize("kind", ["static", "timestep", "dynamic"])
+def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind):
+    """The kernel splits the tokens over threads and each thread sums its own share of the query gradient:
+    every thread's share must reach dL/dq and dL/dg."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        query, gain, *sources = leaves = mix_inputs(kind, n=5, batch=3, tokens=50, dim=24)
+        h, _ = cpu_dar_mix(sources, query, gain)
+        grads = torch.autograd.grad(h, leaves, torch.ones_like(h))
+    finally:
+        torch.set_num_threads(threads)
+    h_ref, _ = dar_mix(sources, query, gain)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+    for grad, grad_ref in zip(grads, torch.autograd.grad(h_ref, leaves, torch.ones_like(h))):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys):
+    """A machine that cannot build router_cpu.cpp still trains (kernel auto: dar_mix) and kernel cpu is a clear
+    error; the build failure is reported once, in one line."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'dar_cpu'\nc++: command not found")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(router, "_cpu_kernel_loaded", {})
+    monkeypatch.setattr(router, "dar_mix", lambda *args: calls.append(1) or dar_mix(*args))
+    calls = []
+    model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="auto"))
+    model(*batch(dtype=torch.float32)).sum().backward()
+    assert len(calls) == 2 * DEPTH
+    assert "could not be built (c++: command not found)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="kernel 'cpu' needs router_cpu.cpp compiled"):
+        perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="cpu"))(*batch(dtype=torch.float32))
+
+
+@pytest.mark.parametrize("age_s, removed", [(3600, True), (5, False)])
+def test_a_build_lock_left_by_a_killed_compile_is_removed(age_s, removed, tmp_path, monkeypatch, capsys):
+    """PyTorch's extension loader waits for a build lock to go away: one left by a process killed while compiling
+    would hang every later process. An old lock is removed; a fresh one (a build in progress) is waited for."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda build_directory, **kwargs: seen.append(
+        (Path(build_directory) / "lock").exists()))
+    monkeypatch.setattr(torch.library, "register_fake", lambda *args: None)
+    monkeypatch.setattr(torch.library, "register_autograd", lambda *args, **kwargs: None)
+    build_dir = router._cpu_kernel_build_dir()
+    assert build_dir.parent == tmp_path
+    build_dir.mkdir()
+    lock = build_dir / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    assert router._load_cpu_kernel() is True
+    assert seen == [not removed]
+
+
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
 @pytest.mark.parametrize("chunk", [1, 4, 8, 5])
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
@@ -453,6 +514,21 @@ def test_under_autocast_every_source_is_bf16(kernel, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(*batch(dtype=torch.float32)).float().pow(2).mean().backward()
     assert dtypes == [{torch.bfloat16}] * (2 * DEPTH)  # consumers 2..2L+1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_source_is_contiguous(precision, monkeypatch):
+    """The patch embedding hands v_0 over transposed in memory: the router copies it once per forward pass, so
+    that no consumer reads it against the grain (and the C++ kernel, which needs contiguous sources, never
+    copies it)."""
+    model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32))
+    layouts = []
+    mix = router.mix_sources
+    monkeypatch.setattr(router, "mix_sources", lambda sources, *args, **kwargs: layouts.append(
+        all(s.is_contiguous() for s in sources)) or mix(sources, *args, **kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(*batch(dtype=torch.float32))
+    assert layouts == [True] * (2 * DEPTH)
 
 
 @pytest.mark.parametrize("query", ["timestep", "dynamic"])

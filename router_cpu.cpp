@@ -1,0 +1,219 @@
+// router_cpu.cpp: paper Eq. 5 for one DAR consumer on the CPU, forward and backward, one token at a time.
+//
+// Not run directly: router.py compiles this file with PyTorch's C++ extension loader the first time kernel
+// "cpu" (the default on CPU) is needed (a C++ compiler and ninja; the build is cached per machine), which
+// defines the ops dar::mix and dar::mix_backward below; router.py registers their autograd and shapes, and
+// router.cpu_dar_mix calls dar::mix. The readable reference of the same numbers is router.dar_mix.
+//
+// Why C++: eager PyTorch computes Eq. 5 as about ten passes over memory per (consumer, source) pair, each
+// allocating a temporary; on a CPU that traffic is what DAR costs. Here each token's d features of every
+// source are read once from memory; the norm, the logit, the softmax and the weighted sum (forward), and
+// the source, query and gain gradients (backward) then work on them while they are still in cache.
+//
+// Symbols of docs/method.md section 3, per token: s_i (source i), r_i = rms(s_i)^-1,
+// z_i = (q g . s_i) r_i / sqrt(d), alpha = softmax_i(z), h = sum_i alpha_i s_i. Backward with upstream dh:
+//   dz_i = alpha_i (dh . s_i - dh . h),  c_i = dz_i r_i / sqrt(d),
+//   dL/ds_i = alpha_i dh + c_i q g - dz_i z_i r_i^2 / d s_i,  dL/d(q g) = sum_i c_i s_i.
+// Sources are float32, float64, bfloat16 or float16 (all of one dtype); statistics, h and the query
+// gradient are in the accumulation dtype (float32, or float64 for float64 sources).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTokensPerTask = 16;  // tokens per parallel task: enough work to amortize a task's start
+
+// The query q g of a token: [1, 1, d] (static), [B, 1, d] (timestep) or [B, T, d] (dynamic) in memory.
+template <typename acc_t>
+struct Query {
+  const acc_t* data;
+  int64_t batch_stride, token_stride, tokens;
+  const acc_t* at(int64_t token) const {
+    return data + (token / tokens) * batch_stride + (token % tokens) * token_stride;
+  }
+};
+
+template <typename acc_t>
+Query<acc_t> query_of(const at::Tensor& query_gain, int64_t tokens) {
+  const int64_t d = query_gain.size(2);
+  return {query_gain.data_ptr<acc_t>(), query_gain.size(0) == 1 ? 0 : query_gain.size(1) * d,
+          query_gain.size(1) == 1 ? 0 : d, tokens};
+}
+
+template <typename scalar_t>
+std::vector<const scalar_t*> source_pointers(const std::vector<at::Tensor>& sources) {
+  std::vector<const scalar_t*> pointers;
+  for (const auto& s : sources) pointers.push_back(s.data_ptr<scalar_t>());
+  return pointers;
+}
+
+template <typename scalar_t>
+void mix_forward(const std::vector<at::Tensor>& sources, const at::Tensor& query_gain, double eps, at::Tensor& h,
+                 at::Tensor& alpha, at::Tensor& logits, at::Tensor& inv_rms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
+  const auto src = source_pointers<scalar_t>(sources);
+  const auto query = query_of<acc_t>(query_gain, sources[0].size(1));
+  acc_t* out = h.data_ptr<acc_t>();
+  acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
+  at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t token = begin; token < end; ++token) {
+      const acc_t* q = query.at(token);
+      acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* s = src[i] + token * d;
+        acc_t square_sum = 0, dot = 0;
+#pragma omp simd reduction(+ : square_sum, dot)
+        for (int64_t k = 0; k < d; ++k) {
+          const acc_t v = s[k];
+          square_sum += v * v;
+          dot += v * q[k];
+        }
+        const acc_t ri = acc_t(1) / std::sqrt(square_sum / d + acc_t(eps));
+        r[i * tokens + token] = ri;
+        z[i * tokens + token] = dot * ri * scale;  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i
+        max_logit = std::max(max_logit, z[i * tokens + token]);
+      }
+      acc_t total = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        a[i * tokens + token] = std::exp(z[i * tokens + token] - max_logit);
+        total += a[i * tokens + token];
+      }
+      acc_t* ht = out + token * d;  // Eq. 5: h = sum_i alpha_i s_i, alpha = softmax over sources
+      for (int64_t k = 0; k < d; ++k) ht[k] = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t ai = a[i * tokens + token] /= total;
+        const scalar_t* s = src[i] + token * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) ht[k] += ai * acc_t(s[k]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& query_gain, const at::Tensor& h,
+                  const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
+                  const at::Tensor& grad_h, std::vector<at::Tensor>& grad_sources, at::Tensor& grad_query_gain) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
+  const auto src = source_pointers<scalar_t>(sources);
+  std::vector<scalar_t*> grad_src;
+  for (auto& g : grad_sources) grad_src.push_back(g.data_ptr<scalar_t>());
+  const auto query = query_of<acc_t>(query_gain, sources[0].size(1));
+  // dL/d(q g) has the query's shape: a query shared by several tokens sums over them. Each thread sums into
+  // its own copy (grad_query_gain is [threads, *query shape]) and the caller adds the copies.
+  const auto grad_query = query_of<acc_t>(grad_query_gain[0], sources[0].size(1));
+  const int64_t thread_stride = grad_query_gain.stride(0);
+  acc_t* grad_query_data = grad_query_gain.data_ptr<acc_t>();
+  const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
+  const acc_t *hs = h.data_ptr<acc_t>(), *dhs = grad_h.data_ptr<acc_t>();
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
+  at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+    acc_t* thread_grad = grad_query_data + at::get_thread_num() * thread_stride;
+    for (int64_t token = begin; token < end; ++token) {
+      const acc_t *q = query.at(token), *dh = dhs + token * d, *ht = hs + token * d;
+      acc_t* gq = thread_grad + (grad_query.at(token) - grad_query.data);
+      acc_t delta = 0;
+#pragma omp simd reduction(+ : delta)
+      for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* s = src[i] + token * d;
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
+        const acc_t ai = a[i * tokens + token], ri = r[i * tokens + token];
+        const acc_t dz = ai * (dot - delta);
+        const acc_t c = dz * ri * scale;
+        const acc_t rms_term = dz * z[i * tokens + token] * ri * ri / d;
+        scalar_t* gs = grad_src[i] + token * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) {
+          const acc_t v = s[k];
+          gs[k] = scalar_t(ai * dh[k] + c * q[k] - rms_term * v);
+          gq[k] += c * v;
+        }
+      }
+    }
+  });
+}
+
+void check_sources(const std::vector<at::Tensor>& sources) {
+  TORCH_CHECK(!sources.empty(), "dar::mix: no sources");
+  for (const auto& s : sources) {
+    TORCH_CHECK(s.device().is_cpu() && s.dim() == 3 && s.is_contiguous() && s.sizes() == sources[0].sizes() &&
+                    s.scalar_type() == sources[0].scalar_type(),
+                "dar::mix: sources must be contiguous CPU tensors [B, T, d] of one shape and dtype");
+  }
+}
+
+// q g as a contiguous [1 or B, 1 or T, d] tensor in the accumulation dtype, from a query [d], [B, 1, d] or
+// [B, T, d] and a gain [d] (a transient: the query and the gain are what the backward keeps).
+at::Tensor query_gain_of(const at::Tensor& query, const at::Tensor& gain, at::ScalarType accumulation) {
+  const int64_t d = gain.size(0);
+  TORCH_CHECK(query.size(-1) == d && (query.dim() == 1 || query.dim() == 3), "dar::mix: query must be [d] or [B, 1 or T, d]");
+  return (query.to(accumulation) * gain.to(accumulation)).reshape({query.dim() == 1 ? 1 : query.size(0),
+                                                                   query.dim() == 1 ? 1 : query.size(1), d});
+}
+
+at::ScalarType accumulation_type(const at::Tensor& source) {
+  return source.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector<at::Tensor>& sources,
+                                                               const at::Tensor& query, const at::Tensor& gain,
+                                                               double eps) {
+  check_sources(sources);
+  const auto& first = sources[0];
+  const auto query_gain = query_gain_of(query, gain, accumulation_type(first));
+  auto stats_options = first.options().dtype(query_gain.scalar_type());
+  auto h = at::empty(first.sizes(), stats_options);
+  auto alpha = at::empty({static_cast<int64_t>(sources.size()), first.size(0), first.size(1)}, stats_options);
+  auto logits = at::empty_like(alpha), inv_rms = at::empty_like(alpha);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "dar::mix", [&] {
+    mix_forward<scalar_t>(sources, query_gain, eps, h, alpha, logits, inv_rms);
+  });
+  return {h, alpha, logits, inv_rms};
+}
+
+// (dL/ds_i for every source, dL/dq, dL/dg): dq = g dL/d(q g) and dg = q dL/d(q g), summed over the tokens
+// (static) or the batch and tokens (timestep, dynamic) that share the gain.
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mix_backward_op(
+    const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
+    const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h) {
+  check_sources(sources);
+  const auto query_gain = query_gain_of(query, gain, accumulation_type(sources[0]));
+  std::vector<at::Tensor> grad_sources;
+  for (const auto& s : sources) grad_sources.push_back(at::empty_like(s));
+  auto per_thread = at::zeros({at::get_num_threads(), query_gain.size(0), query_gain.size(1), query_gain.size(2)},
+                              query_gain.options());
+  const auto dh = grad_h.to(query_gain.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
+    mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, per_thread);
+  });
+  const auto grad_query_gain = per_thread.sum(0).reshape(query.sizes());
+  const auto grad_query = (grad_query_gain * gain).to(query.scalar_type());
+  const auto grad_gain = (grad_query_gain * query).reshape({-1, gain.size(0)}).sum(0).to(gain.scalar_type());
+  return {grad_sources, grad_query, grad_gain};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dar, m) {
+  m.def("mix(Tensor[] sources, Tensor query, Tensor gain, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mix_backward(Tensor[] sources, Tensor query, Tensor gain, Tensor h, Tensor alpha, Tensor logits, "
+        "Tensor inv_rms, Tensor grad_h) -> (Tensor[], Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dar, CPU, m) {
+  m.impl("mix", &mix);
+  m.impl("mix_backward", &mix_backward_op);
+}
