@@ -172,7 +172,8 @@ def test_processes_share_the_shards(latents_dir, image_folder, vae_dir, tmp_path
     out = tmp_path / "torchrun"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(REPO / "train.py"), *EXTRACT, "--data", str(image_folder[0]), "--out", str(out),
-                             "--vae", str(vae_dir)], env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                             "--vae", str(vae_dir)],  # the threads of this process: convolutions round by thread count
+                            env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO)),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((out / "meta.json").read_text()) == json.loads((latents_dir / "meta.json").read_text())
