@@ -49,6 +49,7 @@ MIB = 2 ** 20
 
 
 def kernel_list(text):
+    """--kernel: one of router.KERNELS, or several, comma-separated."""
     kernels = text.split(",")
     for kernel in kernels:
         if kernel not in KERNELS:

@@ -15,6 +15,7 @@ Routers:
 Also here: the REPA projector and loss (method.md section 4), which read the hidden state a block hands on.
 """
 import functools
+import hashlib
 import math
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True):
     that the rest of the project never needs triton), "auto" the fused kernel for CUDA sources and cpu_dar_mix
     elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when need_alpha is False."""
     if kernel == "auto" and not sources[0].is_cuda:
-        kernel = "cpu" if cpu_kernel_available() else "torch"
+        kernel = "cpu" if sources[0].is_cpu and cpu_kernel_available() else "torch"
     if kernel == "torch":
         return dar_mix(sources, query, gain)
     if kernel == "cpu":
@@ -377,33 +378,45 @@ def cpu_kernel_available():
     return _cpu_kernel_loaded["ok"]
 
 
+CPU_KERNEL_SOURCE = Path(__file__).with_name("router_cpu.cpp")
+# OpenMP lets at::parallel_for spread the tokens over torch's threads; on Linux the extension then links the
+# libgomp torch has loaded already (same soname). Elsewhere the kernel runs on one thread.
+CPU_KERNEL_OPENMP = ["-fopenmp"] if sys.platform == "linux" else []
+
+
 def _cpu_kernel_build_dir():
-    """One build per torch and Python version: an extension built against another torch would not load."""
+    """One build per torch and Python version (an extension built against another torch would not load) and per
+    content of router_cpu.cpp (so that checkouts with different kernels never load each other's build)."""
     from torch.utils import cpp_extension
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "-")
-    return Path(cpp_extension.get_default_build_root()) / f"dar_cpu-{version}"
+    content = hashlib.sha256(CPU_KERNEL_SOURCE.read_bytes() + " ".join(CPU_KERNEL_OPENMP).encode()).hexdigest()[:12]
+    return Path(cpp_extension.get_default_build_root()) / f"dar_cpu-{version}-{content}"
+
+
+def _build_failure(error):
+    """The line of a failed build that says why (the compiler's error, a missing program), not ninja's last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if "error:" in line.lower() or "not found" in line.lower()]
+    return (telling or lines or [type(error).__name__])[0]
 
 
 def _load_cpu_kernel():
+    """Compile (or find compiled) and load router_cpu.cpp, and register the autograd and shapes of its ops."""
     from torch.utils import cpp_extension
     build_dir = _cpu_kernel_build_dir()
     if not any(build_dir.glob("dar_cpu*.so")):
         print("router: compiling the CPU routing kernel router_cpu.cpp (once per machine, about a minute)",
               file=sys.stderr, flush=True)
-    stale_lock = build_dir / "lock"  # left by a process killed while compiling: later loads would wait forever
-    if stale_lock.exists() and time.time() - stale_lock.stat().st_mtime > STALE_BUILD_LOCK_S:
-        stale_lock.unlink(missing_ok=True)
     try:
+        lock = build_dir / "lock"  # left by a process killed while compiling: later loads would wait forever
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+            lock.unlink(missing_ok=True)
         build_dir.mkdir(parents=True, exist_ok=True)
-        # OpenMP: at::parallel_for spreads the tokens over torch's threads (Linux: torch ships the same libgomp)
-        openmp = ["-fopenmp"] if sys.platform == "linux" else []
-        cpp_extension.load(name="dar_cpu", sources=[str(Path(__file__).with_name("router_cpu.cpp"))],
-                           extra_cflags=["-O3", *openmp], extra_ldflags=openmp, build_directory=str(build_dir),
-                           is_python_module=False)
+        cpp_extension.load(name="dar_cpu", sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=["-O3", *CPU_KERNEL_OPENMP],
+                           extra_ldflags=CPU_KERNEL_OPENMP, build_directory=str(build_dir), is_python_module=False)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        print(f"router: the CPU routing kernel could not be built ({reason}); kernel 'auto' uses the plain "
-              "PyTorch dar_mix instead (install a C++ compiler and ninja for the fast path)", file=sys.stderr)
+        print(f"router: the CPU routing kernel could not be built ({_build_failure(error)}); kernel 'auto' uses "
+              "the plain PyTorch dar_mix instead (install a C++ compiler and ninja for the fast path)", file=sys.stderr)
         return False
     torch.library.register_fake("dar::mix", _mix_shapes)
     torch.library.register_fake("dar::mix_backward", _mix_backward_shapes)
@@ -443,7 +456,7 @@ def _as_source(v0):
     and under autocast in float32 (the position embedding is) while every v_l is in the autocast dtype."""
     device = v0.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
-    return v0.to(dtype, memory_format=torch.contiguous_format).contiguous()  # .to returns v_0 itself if the dtype is right
+    return v0.contiguous().to(dtype)
 
 
 #################################################################################

@@ -22,13 +22,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kTokensPerTask = 16;  // tokens per parallel task: enough work to amortize a task's start
+constexpr int64_t kTokensPerTask = 16;    // forward: tokens per parallel task, enough work to amortize its start
+constexpr int64_t kTokensPerBlock = 256;  // backward: tokens whose query gradient one block sums in order
 
 // The query q g of a token: [1, 1, d] (static), [B, 1, d] (timestep) or [B, T, d] (dynamic) in memory.
 template <typename acc_t>
@@ -102,44 +104,50 @@ void mix_forward(const std::vector<at::Tensor>& sources, const at::Tensor& query
 template <typename scalar_t>
 void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& query_gain, const at::Tensor& h,
                   const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
-                  const at::Tensor& grad_h, std::vector<at::Tensor>& grad_sources, at::Tensor& grad_query_gain) {
+                  const at::Tensor& grad_h, std::vector<at::Tensor>& grad_sources, at::Tensor& grad_query_gain,
+                  int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const auto src = source_pointers<scalar_t>(sources);
   std::vector<scalar_t*> grad_src;
   for (auto& g : grad_sources) grad_src.push_back(g.data_ptr<scalar_t>());
   const auto query = query_of<acc_t>(query_gain, sources[0].size(1));
-  // dL/d(q g) has the query's shape: a query shared by several tokens sums over them. Each thread sums into
-  // its own copy (grad_query_gain is [threads, *query shape]) and the caller adds the copies.
+  // dL/d(q g) has the query's shape: a query shared by several tokens sums over them. The tokens are cut into
+  // `blocks` blocks, one parallel task each, and each block sums into its own copy (grad_query_gain is
+  // [blocks, *query shape]), which the caller adds; blocks, not thread ids, because the ids come from OpenMP
+  // and the thread count from torch. A per-token (dynamic) query shares nothing: one copy, each token writing
+  // its own row.
   const auto grad_query = query_of<acc_t>(grad_query_gain[0], sources[0].size(1));
-  const int64_t thread_stride = grad_query_gain.stride(0);
+  const int64_t block_stride = grad_query_gain.size(0) == 1 ? 0 : grad_query_gain.stride(0);
   acc_t* grad_query_data = grad_query_gain.data_ptr<acc_t>();
   const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
   const acc_t *hs = h.data_ptr<acc_t>(), *dhs = grad_h.data_ptr<acc_t>();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
-  at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
-    acc_t* thread_grad = grad_query_data + at::get_thread_num() * thread_stride;
-    for (int64_t token = begin; token < end; ++token) {
-      const acc_t *q = query.at(token), *dh = dhs + token * d, *ht = hs + token * d;
-      acc_t* gq = thread_grad + (grad_query.at(token) - grad_query.data);
-      acc_t delta = 0;
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    for (int64_t block = first_block; block < end_block; ++block) {
+      acc_t* block_grad = grad_query_data + block * block_stride;
+      for (int64_t token = block * tokens / blocks; token < (block + 1) * tokens / blocks; ++token) {
+        const acc_t *q = query.at(token), *dh = dhs + token * d, *ht = hs + token * d;
+        acc_t* gq = block_grad + (grad_query.at(token) - grad_query.data);
+        acc_t delta = 0;
 #pragma omp simd reduction(+ : delta)
-      for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* s = src[i] + token * d;
-        acc_t dot = 0;
+        for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* s = src[i] + token * d;
+          acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
-        const acc_t ai = a[i * tokens + token], ri = r[i * tokens + token];
-        const acc_t dz = ai * (dot - delta);
-        const acc_t c = dz * ri * scale;
-        const acc_t rms_term = dz * z[i * tokens + token] * ri * ri / d;
-        scalar_t* gs = grad_src[i] + token * d;
+          for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
+          const acc_t ai = a[i * tokens + token], ri = r[i * tokens + token];
+          const acc_t dz = ai * (dot - delta);
+          const acc_t c = dz * ri * scale;
+          const acc_t rms_term = dz * z[i * tokens + token] * ri * ri / d;
+          scalar_t* gs = grad_src[i] + token * d;
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) {
-          const acc_t v = s[k];
-          gs[k] = scalar_t(ai * dh[k] + c * q[k] - rms_term * v);
-          gq[k] += c * v;
+          for (int64_t k = 0; k < d; ++k) {
+            const acc_t v = s[k];
+            gs[k] = scalar_t(ai * dh[k] + c * q[k] - rms_term * v);
+            gq[k] += c * v;
+          }
         }
       }
     }
@@ -157,11 +165,18 @@ void check_sources(const std::vector<at::Tensor>& sources) {
 
 // q g as a contiguous [1 or B, 1 or T, d] tensor in the accumulation dtype, from a query [d], [B, 1, d] or
 // [B, T, d] and a gain [d] (a transient: the query and the gain are what the backward keeps).
-at::Tensor query_gain_of(const at::Tensor& query, const at::Tensor& gain, at::ScalarType accumulation) {
-  const int64_t d = gain.size(0);
-  TORCH_CHECK(query.size(-1) == d && (query.dim() == 1 || query.dim() == 3), "dar::mix: query must be [d] or [B, 1 or T, d]");
-  return (query.to(accumulation) * gain.to(accumulation)).reshape({query.dim() == 1 ? 1 : query.size(0),
-                                                                   query.dim() == 1 ? 1 : query.size(1), d});
+at::Tensor query_gain_of(const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain,
+                         at::ScalarType accumulation) {
+  const int64_t batch = sources[0].size(0), tokens = sources[0].size(1), d = sources[0].size(2);
+  TORCH_CHECK(query.device().is_cpu() && gain.device().is_cpu(), "dar::mix: query and gain must be CPU tensors");
+  TORCH_CHECK(gain.dim() == 1 && gain.size(0) == d, "dar::mix: gain must be [d], d = ", d);
+  TORCH_CHECK((query.dim() == 1 && query.size(0) == d) ||
+                  (query.dim() == 3 && (query.size(0) == 1 || query.size(0) == batch) &&
+                   (query.size(1) == 1 || query.size(1) == tokens) && query.size(2) == d),
+              "dar::mix: query must be [d] or [1 or B, 1 or T, d] for sources [B, T, d] = ", sources[0].sizes());
+  return (query.to(accumulation) * gain.to(accumulation))
+      .reshape({query.dim() == 1 ? 1 : query.size(0), query.dim() == 1 ? 1 : query.size(1), d})
+      .contiguous();
 }
 
 at::ScalarType accumulation_type(const at::Tensor& source) {
@@ -173,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector
                                                                double eps) {
   check_sources(sources);
   const auto& first = sources[0];
-  const auto query_gain = query_gain_of(query, gain, accumulation_type(first));
+  const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(first));
   auto stats_options = first.options().dtype(query_gain.scalar_type());
   auto h = at::empty(first.sizes(), stats_options);
   auto alpha = at::empty({static_cast<int64_t>(sources.size()), first.size(0), first.size(1)}, stats_options);
@@ -190,16 +205,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mix_backward_op(
     const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
     const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h) {
   check_sources(sources);
-  const auto query_gain = query_gain_of(query, gain, accumulation_type(sources[0]));
+  const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(sources[0]));
   std::vector<at::Tensor> grad_sources;
   for (const auto& s : sources) grad_sources.push_back(at::empty_like(s));
-  auto per_thread = at::zeros({at::get_num_threads(), query_gain.size(0), query_gain.size(1), query_gain.size(2)},
-                              query_gain.options());
+  const int64_t tokens = sources[0].size(0) * sources[0].size(1);
+  // a dynamic query [B, T, d]: no two tokens share a row of dL/d(q g)
+  const bool per_token = query_gain.size(0) == sources[0].size(0) && query_gain.size(1) == sources[0].size(1);
+  // at least one block per thread, and short float sums: at most kTokensPerBlock terms before the blocks are added
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
+      tokens, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
+  auto per_block = at::zeros({per_token ? 1 : blocks, query_gain.size(0), query_gain.size(1), query_gain.size(2)},
+                             query_gain.options());
   const auto dh = grad_h.to(query_gain.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
-    mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, per_thread);
+    mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, per_block,
+                           blocks);
   });
-  const auto grad_query_gain = per_thread.sum(0).reshape(query.sizes());
+  const auto grad_query_gain = per_block.sum(0).reshape(query.sizes());
   const auto grad_query = (grad_query_gain * gain).to(query.scalar_type());
   const auto grad_gain = (grad_query_gain * query).reshape({-1, gain.size(0)}).sum(0).to(gain.scalar_type());
   return {grad_sources, grad_query, grad_gain};

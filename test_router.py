@@ -407,6 +407,36 @@ def test_cpu_dar_mix_matches_dar_mix_and_passes_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda q, g, *s: cpu_dar_mix(list(s), q, g)[0], leaves)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("kind", ["static", "timestep", "dynamic"])
+def test_cpu_dar_mix_in_float32_and_float16_matches_dar_mix(kind, dtype, tolerance):
+    """The training dtypes (float64 is checked above): h and every gradient as dar_mix's, in its dtype."""
+    query, gain, *sources = mix_inputs(kind, n=5, batch=3, tokens=7, dim=24)
+    sources = [s.detach().to(dtype).requires_grad_() for s in sources]
+    leaves = [query, gain, *sources]
+    h, alpha = cpu_dar_mix(sources, query, gain)
+    h_ref, alpha_ref = dar_mix(sources, query, gain)
+    torch.testing.assert_close(h, h_ref, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(alpha, alpha_ref, rtol=tolerance, atol=tolerance)
+    grad_h = torch.randn_like(h)
+    grads = torch.autograd.grad(h, leaves, grad_h)
+    for grad, grad_ref, leaf in zip(grads, torch.autograd.grad(h_ref, leaves, grad_h), leaves):
+        assert grad.dtype == leaf.dtype
+        torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=10 * tolerance, atol=10 * tolerance)
+
+
+def test_cpu_dar_mix_reads_a_non_contiguous_query_and_refuses_wrong_shapes():
+    query, gain, *sources = mix_inputs("dynamic", n=3, batch=2, tokens=5, dim=8)
+    transposed = query.detach().transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, d], not contiguous
+    assert not transposed.is_contiguous()
+    torch.testing.assert_close(cpu_dar_mix(sources, transposed, gain)[0], dar_mix(sources, transposed, gain)[0],
+                               rtol=0, atol=1e-12)
+    for bad_query, bad_gain in [(query[:, :2], gain), (torch.cat([query, query], -1), gain),
+                                (torch.zeros(16, dtype=query.dtype), gain), (query, torch.ones(4, dtype=gain.dtype))]:
+        with pytest.raises(RuntimeError, match="dar::mix: (query|gain) must be"):
+            cpu_dar_mix(sources, bad_query, bad_gain)
+
+
 @pytest.mark.parametrize("kind", ["static", "timestep", "dynamic"])
 def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind):
     """The kernel splits the tokens over threads and each thread sums its own share of the query gradient:
@@ -430,8 +460,9 @@ def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys
     error; the build failure is reported once, in one line."""
     from torch.utils import cpp_extension
 
-    def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension 'dar_cpu'\nc++: command not found")
+    def no_compiler(**kwargs):  # what torch raises: ninja's whole output, whose last line says nothing
+        raise RuntimeError("Error building extension 'dar_cpu': [1/2] c++ -MMD -c router_cpu.cpp -o router_cpu.o\n"
+                           "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(router, "_cpu_kernel_loaded", {})
     monkeypatch.setattr(router, "dar_mix", lambda *args: calls.append(1) or dar_mix(*args))
@@ -439,7 +470,7 @@ def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys
     model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="auto"))
     model(*batch(dtype=torch.float32)).sum().backward()
     assert len(calls) == 2 * DEPTH
-    assert "could not be built (c++: command not found)" in capsys.readouterr().err
+    assert "could not be built (/bin/sh: 1: c++: not found)" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="kernel 'cpu' needs router_cpu.cpp compiled"):
         perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="cpu"))(*batch(dtype=torch.float32))
 
