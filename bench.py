@@ -5,6 +5,7 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op router --device cpu --batch 2 --repeats 5
     TRITON_INTERPRET=1 python bench.py --op router --device cpu --impls torch,triton --batch 1 --sources 4
     python bench.py --op step --threads 1                         # every router, 12 and 24 blocks deep
+    python bench.py --op step --threads 1 --kernel cpu,torch      # each DAR router under both kernels, interleaved
     python bench.py --op sample --threads 1 --routers "dar static c4"  # sample.py's model evaluations
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
