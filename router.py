@@ -370,9 +370,9 @@ _cpu_kernel_loaded = {}  # {"ok": bool} once router_cpu.cpp has been loaded, or 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into it
 def cpu_kernel_available():
-    """Compile and load router_cpu.cpp once per process (the build is cached per torch and Python version, so
-    only the first process on a machine waits for the compiler). False, with the reason printed once, where
-    it cannot be built."""
+    """Compile and load router_cpu.cpp once per process (the build is cached per torch version, Python version and
+    kernel source: _cpu_kernel_build_dir, so only the first process waits for the compiler). False, with the
+    reason printed once per process, where it cannot be built."""
     if "ok" not in _cpu_kernel_loaded:
         _cpu_kernel_loaded["ok"] = _load_cpu_kernel()
     return _cpu_kernel_loaded["ok"]
