@@ -496,6 +496,17 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed(age_s, removed, tmp_pa
     assert seen == [not removed]
 
 
+def test_the_kernel_build_follows_the_cpu_vector_capability(monkeypatch):
+    """AVX2 code only where torch's own kernels use it, and a build of its own per capability: a CPU without
+    AVX2 that shares the build cache (a cluster's home directory) must not load a build that needs it."""
+    builds = {}
+    for capability in ("DEFAULT", "AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        builds[capability] = router._cpu_kernel_cflags(), router._cpu_kernel_build_dir()
+    assert "-mavx2" not in builds["DEFAULT"][0] and "-mavx2" in builds["AVX2"][0] and "-mfma" in builds["AVX512"][0]
+    assert builds["DEFAULT"][1] != builds["AVX2"][1]
+
+
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
 @pytest.mark.parametrize("chunk", [1, 4, 8, 5])
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
