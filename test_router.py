@@ -593,6 +593,37 @@ def test_compiled_cpu_kernel_computes_the_eager_gradients():
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+FIRST_LOAD_INSIDE_COMPILE = """
+import torch
+from model import SiT
+torch.manual_seed(0)
+eager = SiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+            router="dar", chunk=2, kernel="cpu")
+compiled = SiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+               router="dar", chunk=2, kernel="cpu")
+compiled.load_state_dict(eager.state_dict())
+x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+import router
+assert not router._cpu_kernel_loaded  # nothing has loaded the kernel yet: dynamo's trace is the first to ask
+torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
+eager(x, t, y).pow(2).mean().backward()
+for p, p_ref in zip(compiled.parameters(), eager.parameters()):
+    torch.testing.assert_close(p.grad, p_ref.grad)
+print("same gradients")
+"""
+
+
+def test_a_compiled_model_can_be_the_first_to_load_the_cpu_kernel():
+    """train.py --compile in a fresh process: the first cpu_kernel_available() call happens inside dynamo's
+    trace (assume_constant_result), which must load the kernel and capture the whole model in one graph."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FIRST_LOAD_INSIDE_COMPILE], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same gradients" in done.stdout
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: tiny("highway"), "unknown router 'highway'.*residual, unet, dar"),
     (lambda: tiny("dar", query="learned"), "unknown query 'learned'.*static, timestep, dynamic"),
