@@ -24,7 +24,7 @@ diagnose.py figures of residual against the best DAR, and runs/<run>/ (each run'
 (width 64, 4 heads, 64 tokens), batch 16, in three parts:
   depth  residual at 6, 12, 24 and 48 blocks, then DAR static and timestep chunk 4 at 48; 2,000 steps, lr 1e-3;
          diagnose.py on the four residual depths side by side, and on the three routers at 48 blocks.
-  lr     residual and DAR static chunk 4 at 24 blocks, lr 3e-4, 1e-3 and 3e-3, 1,000 steps, seed 0.
+  lr     residual and DAR static chunk 4 at 24 blocks, lr 3e-4, 1e-3, 3e-3 and 1e-2, 1,000 steps, seed 0.
   long   residual, DAR static c4 and DAR timestep c4 at 24 blocks, seeds 0-2, 4,000 steps, each at its router's
          best lr of the sweep (lowest final EMA validation loss; the timestep query takes static's); FID of
          1,000 samples each; diagnose.py on seed 0 of each, and the routing of every DAR run at t = 0.1, 0.9.
@@ -60,7 +60,7 @@ ROUTING_T = (0.1, 0.9)  # low t is mostly noise, high t mostly data (method.md s
 ROUTING_IMAGES = 128
 SETTINGS = argparse.Namespace(max_steps=800, fid_samples=500, fid_reference=1000)  # main() sets the flags
 # The deep study (docs/study-deep.md). depth_lr is the router study's lr, train.py's default for the CPU configs.
-DEEP = argparse.Namespace(batch=16, depth_steps=2000, lr_steps=1000, long_steps=4000, lrs=(3e-4, 1e-3, 3e-3),
+DEEP = argparse.Namespace(batch=16, depth_steps=2000, lr_steps=1000, long_steps=4000, lrs=(3e-4, 1e-3, 3e-3, 1e-2),
                           depth_lr=1e-3, long_evals=16, images=128)
 DEPTHS = (6, 12, 24, 48)
 LONG_MODEL = "SiT-N24/4"

@@ -98,18 +98,19 @@ def test_depth_plan_names_the_right_configs(tmp_path):
 
 
 def test_the_lr_picked_is_the_one_with_the_lowest_final_ema_loss(tmp_path):
-    losses = {"residual": (0.30, 0.28, 0.29), "static": (0.27, 0.29, 0.31)}
+    assert study.DEEP.lrs == (3e-4, 1e-3, 3e-3, 1e-2)
+    losses = {"residual": (0.30, 0.28, 0.29, 0.33), "static": (0.27, 0.29, 0.31, 0.35)}
     for router, values in losses.items():
         for run, loss in list(zip(study.lr_runs(router), values))[:2]:
             fake_run(tmp_path, run.name, loss, steps=run.steps)
     assert study.best_lr(tmp_path, "residual") is None  # its sweep has not finished
-    assert study.best_lr(tmp_path, "residual", given_up={"lr-residual-lr0.003-s0"}) == 1e-3
+    assert study.best_lr(tmp_path, "residual", given_up={"lr-residual-lr0.003-s0", "lr-residual-lr0.01-s0"}) == 1e-3
     assert study.planned_runs(tmp_path, "long") == study.planned_runs(tmp_path, "lr")  # no long run before the picks
     for router, values in losses.items():
-        run = study.lr_runs(router)[2]
-        fake_run(tmp_path, run.name, values[2], steps=run.steps)
+        for run, loss in list(zip(study.lr_runs(router), values))[2:]:
+            fake_run(tmp_path, run.name, loss, steps=run.steps)
     assert (study.best_lr(tmp_path, "residual"), study.best_lr(tmp_path, "static")) == (1e-3, 3e-4)
-    long = study.planned_runs(tmp_path, "long")[6:]
+    long = study.planned_runs(tmp_path, "long")[8:]
     assert [(r.name, r.lr, r.steps) for r in long[:3]] == [
         ("long-residual-lr0.001-s0", 1e-3, 4000), ("long-dar-static-c4-lr0.0003-s0", 3e-4, 4000),
         ("long-dar-timestep-c4-lr0.0003-s0", 3e-4, 4000)]  # the timestep query takes static's pick
@@ -156,7 +157,7 @@ def test_report_only_rebuilds_the_deep_report_from_the_kept_logs(tmp_path):
     depth = study.depth_runs()
     for k, run in enumerate(depth):
         fake_run(root, run.name, 0.30 - 0.01 * k, steps=run.steps)
-    for router, values in {"residual": (0.30, 0.28, 0.29), "static": (0.27, 0.29, 0.31)}.items():
+    for router, values in {"residual": (0.30, 0.28, 0.29, 0.33), "static": (0.27, 0.29, 0.31, 0.35)}.items():
         for run, loss in zip(study.lr_runs(router), values):
             fake_run(root, run.name, loss, steps=run.steps)
     long = study.long_runs(root)
@@ -175,8 +176,8 @@ def test_report_only_rebuilds_the_deep_report_from_the_kept_logs(tmp_path):
     assert "| depth-residual-d6-s0@2000 | 6 | 1.65 | 1.45 | 1.83 |" in text  # RMS last / first
     assert "| depth-residual-d48-s0@2000 | 48 | 48.0 | 48.0 | 48.0 |" in text  # gradient first / last
     assert "| depth-residual-d12-s0@2000 | 12 | 0.9050 | 0.9000 | 0.9100 |" in text  # adjacent cosine
-    assert "| residual | 0.3000 | 0.2800 | 0.2900 | 0.001 |" in text
-    assert "| DAR static c4 | 0.2700 | 0.2900 | 0.3100 | 0.0003 |" in text
+    assert "| residual | 0.3000 | 0.2800 | 0.2900 | 0.3300 | 0.001 |" in text
+    assert "| DAR static c4 | 0.2700 | 0.2900 | 0.3100 | 0.3500 | 0.0003 |" in text
     assert "| residual | 3 | 0.2510 +- 0.0010 (n=3) |" in text and "| 41.0 +- 1.0 (n=3) | 0.500" in text
     # every static seed ends 0.005 below residual's same seed: it gets there half an evaluation (250 steps) early
     assert "| DAR static c4 | 3750 | 1.07x | 1.07 +- 0.00 (n=3) |" in text
