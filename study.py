@@ -33,7 +33,7 @@ samples.png; <diagnosis>/diagnose.json trimmed to what the figures draw; routing
 that it can be committed, and the report (results.md and every figure) is rebuilt from those files alone.
 Cost, from step, evaluation, sampling and diagnosis times measured on one thread beside two other jobs on
 the 2-core machine (the table is in docs/study-deep.md): depth 2 h 10 min of one core (1 h 15 min on the
-two lanes), lr 40 min (20 min), long 6 h (3 h); 8.8 CPU-hours, 4 h 35 min on two cores.
+two lanes), lr 53 min (30 min), long 6 h (3 h); 9.0 CPU-hours, 4 h 45 min on two cores.
 """
 import argparse
 import json
