@@ -170,8 +170,9 @@ def test_report_only_rebuilds_the_deep_report_from_the_kept_logs(tmp_path):
                  largest=[0.5, 0.75]) for run in long if run.router == "dar"]
     (out / "routing-long").mkdir()
     (out / "routing-long" / "routing.json").write_text(json.dumps({"rows": rows}))
-    study.main(["--plan", "deep", "--report-only", "--out-dir", str(out), "--results-dir", str(tmp_path / "none")])
-    text = (out / "results.md").read_text()
+    study.main(["--plan", "long", "--report-only", "--out-dir", str(out), "--results-dir", str(tmp_path / "none")])
+    text = (out / "results.md").read_text()  # every part kept, not only the parts of the last --plan
+    assert text.index("## Part 1") < text.index("## Part 2") < text.index("## Part 3")
     assert "| residual d48 | 1 | 0.2700 |" in text and "| DAR timestep c4 d48 | 1 | 0.2500 |" in text
     assert "| depth-residual-d6-s0@2000 | 6 | 1.65 | 1.45 | 1.83 |" in text  # RMS last / first
     assert "| depth-residual-d48-s0@2000 | 48 | 48.0 | 48.0 | 48.0 |" in text  # gradient first / last
@@ -203,3 +204,14 @@ def test_max_steps_belongs_to_the_router_study(capsys):
     with pytest.raises(SystemExit):
         study.main(["--plan", "depth", "--max-steps", "100"])
     assert "--max-steps" in capsys.readouterr().err
+
+
+def test_the_deep_report_covers_only_the_parts_with_finished_runs(tmp_path):
+    out = tmp_path / "docs"
+    for router in study.SWEPT:
+        run = study.lr_runs(router)[0]
+        fake_run(out / "runs", run.name, 0.3, steps=run.steps)
+    study.main(["--plan", "deep", "--report-only", "--out-dir", str(out), "--results-dir", str(tmp_path / "none")])
+    text = (out / "results.md").read_text()
+    assert "## Part 2" in text and "## Part 1" not in text and "## Part 3" not in text
+    assert "| residual | 0.3000 | not finished | not finished | not finished | 0.0003 |" in text  # best of those kept
