@@ -384,12 +384,21 @@ CPU_KERNEL_SOURCE = Path(__file__).with_name("router_cpu.cpp")
 CPU_KERNEL_OPENMP = ["-fopenmp"] if sys.platform == "linux" else []
 
 
+def _cpu_kernel_cflags():
+    """-O3 and OpenMP, and 8-wide vectors (AVX2 with FMA) where torch's own CPU kernels use them: the compiler's
+    default x86-64 target has 4-wide ones only, and the kernel's dot products then measure about 1.5x slower
+    (docs/kernel.md). torch's CPU capability is the CPU's, or lower when ATEN_CPU_CAPABILITY says so."""
+    vectors = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+    return ["-O3", *CPU_KERNEL_OPENMP, *vectors]
+
+
 def _cpu_kernel_build_dir():
-    """One build per torch and Python version (an extension built against another torch would not load) and per
-    content of router_cpu.cpp (so that checkouts with different kernels never load each other's build)."""
+    """One build per torch and Python version (an extension built against another torch would not load), per
+    content of router_cpu.cpp (so that checkouts with different kernels never load each other's build) and per
+    compiler flags (so that a CPU without AVX2 sharing the cache never loads a build that needs it)."""
     from torch.utils import cpp_extension
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "-")
-    content = hashlib.sha256(CPU_KERNEL_SOURCE.read_bytes() + " ".join(CPU_KERNEL_OPENMP).encode()).hexdigest()[:12]
+    content = hashlib.sha256(CPU_KERNEL_SOURCE.read_bytes() + " ".join(_cpu_kernel_cflags()).encode()).hexdigest()[:12]
     return Path(cpp_extension.get_default_build_root()) / f"dar_cpu-{version}-{content}"
 
 
@@ -412,7 +421,7 @@ def _load_cpu_kernel():
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
             lock.unlink(missing_ok=True)
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name="dar_cpu", sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=["-O3", *CPU_KERNEL_OPENMP],
+        cpp_extension.load(name="dar_cpu", sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=_cpu_kernel_cflags(),
                            extra_ldflags=CPU_KERNEL_OPENMP, build_directory=str(build_dir), is_python_module=False)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         print(f"router: the CPU routing kernel could not be built ({_build_failure(error)}); kernel 'auto' uses "

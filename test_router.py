@@ -496,6 +496,17 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed(age_s, removed, tmp_pa
     assert seen == [not removed]
 
 
+def test_the_kernel_build_follows_the_cpu_vector_capability(monkeypatch):
+    """AVX2 code only where torch's own kernels use it, and a build of its own per capability: a CPU without
+    AVX2 that shares the build cache (a cluster's home directory) must not load a build that needs it."""
+    builds = {}
+    for capability in ("DEFAULT", "AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        builds[capability] = router._cpu_kernel_cflags(), router._cpu_kernel_build_dir()
+    assert "-mavx2" not in builds["DEFAULT"][0] and "-mavx2" in builds["AVX2"][0] and "-mfma" in builds["AVX512"][0]
+    assert builds["DEFAULT"][1] != builds["AVX2"][1]
+
+
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
 @pytest.mark.parametrize("chunk", [1, 4, 8, 5])
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
@@ -580,6 +591,37 @@ def test_compiled_cpu_kernel_computes_the_eager_gradients():
         assert (p.grad is None) == (p_ref.grad is None), name
         if p_ref.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+FIRST_LOAD_INSIDE_COMPILE = """
+import torch
+from model import SiT
+torch.manual_seed(0)
+eager = SiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+            router="dar", chunk=2, kernel="cpu")
+compiled = SiT(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+               router="dar", chunk=2, kernel="cpu")
+compiled.load_state_dict(eager.state_dict())
+x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+import router
+assert not router._cpu_kernel_loaded  # nothing has loaded the kernel yet: dynamo's trace is the first to ask
+torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
+eager(x, t, y).pow(2).mean().backward()
+for p, p_ref in zip(compiled.parameters(), eager.parameters()):
+    torch.testing.assert_close(p.grad, p_ref.grad)
+print("same gradients")
+"""
+
+
+def test_a_compiled_model_can_be_the_first_to_load_the_cpu_kernel():
+    """train.py --compile in a fresh process: the first cpu_kernel_available() call happens inside dynamo's
+    trace (assume_constant_result), which must load the kernel and capture the whole model in one graph."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FIRST_LOAD_INSIDE_COMPILE], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same gradients" in done.stdout
 
 
 @pytest.mark.parametrize("make,match", [
