@@ -370,9 +370,9 @@ _cpu_kernel_loaded = {}  # {"ok": bool} once router_cpu.cpp has been loaded, or 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into it
 def cpu_kernel_available():
-    """Compile and load router_cpu.cpp once per process (the build is cached per torch version, Python version and
-    kernel source: _cpu_kernel_build_dir, so only the first process waits for the compiler). False, with the
-    reason printed once per process, where it cannot be built."""
+    """Compile and load router_cpu.cpp once per process (the build is cached per torch version, Python version,
+    kernel source and compiler flags: _cpu_kernel_build_dir, so only the first process waits for the compiler).
+    False, with the reason printed once per process, where it cannot be built."""
     if "ok" not in _cpu_kernel_loaded:
         _cpu_kernel_loaded["ok"] = _load_cpu_kernel()
     return _cpu_kernel_loaded["ok"]
@@ -388,7 +388,8 @@ def _cpu_kernel_cflags():
     """-O3 and OpenMP, and 8-wide vectors (AVX2 with FMA) where torch's own CPU kernels use them: the compiler's
     default x86-64 target has 4-wide ones only, and the kernel's dot products then measure about 1.5x slower
     (docs/kernel.md). torch's CPU capability is the CPU's, or lower when ATEN_CPU_CAPABILITY says so."""
-    vectors = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and sys.platform != "win32"  # GCC/Clang flags
+    vectors = ["-mavx2", "-mfma"] if avx2 else []
     return ["-O3", *CPU_KERNEL_OPENMP, *vectors]
 
 
