@@ -31,6 +31,24 @@ namespace {
 
 constexpr int64_t kTokensPerTask = 16;    // forward: tokens per parallel task, enough work to amortize its start
 constexpr int64_t kTokensPerBlock = 256;  // backward: tokens whose query gradient one block sums in order
+// Each token reads one row of every source (and backward writes one row of every source gradient): 10 to 50
+// interleaved streams, more than the hardware prefetcher follows, so a row would arrive from memory only when
+// it is needed. Asking for the row kPrefetchTokens tokens ahead hides that wait: forward and backward measured
+// about 1.3x faster per call (docs/kernel.md). A prefetch past the end of a tensor is harmless (a hint only).
+constexpr int64_t kPrefetchTokens = 2;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t d, bool for_writing) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t k = 0; k < d; k += 64 / sizeof(scalar_t)) {  // one request per 64-byte cache line
+    if (for_writing) {
+      __builtin_prefetch(row + k, 1);
+    } else {
+      __builtin_prefetch(row + k, 0);
+    }
+  }
+#endif
+}
 
 // The query q g of a token: [1, 1, d] (static), [B, 1, d] (timestep) or [B, T, d] (dynamic) in memory.
 template <typename acc_t>
@@ -72,6 +90,7 @@ void mix_forward(const std::vector<at::Tensor>& sources, const at::Tensor& query
       acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* s = src[i] + token * d;
+        prefetch_row(s + kPrefetchTokens * d, d, false);
         acc_t square_sum = 0, dot = 0;
 #pragma omp simd reduction(+ : square_sum, dot)
         for (int64_t k = 0; k < d; ++k) {
@@ -134,6 +153,8 @@ void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& quer
         for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* s = src[i] + token * d;
+          prefetch_row(s + kPrefetchTokens * d, d, false);
+          prefetch_row(grad_src[i] + (token + kPrefetchTokens) * d, d, true);
           acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
           for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
