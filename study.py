@@ -421,6 +421,40 @@ def curve_table(root, grouped, reference):
     return lines
 
 
+def difference(values, reference):
+    """The deep study's reading rule (docs/study-deep.md): two means differ only by more than twice the larger
+    of their seed standard deviations. The relative gap of the means, and the verdict."""
+    gap = statistics.mean(values) / statistics.mean(reference) - 1
+    if min(len(values), len(reference)) < 2:
+        return gap, "unread (one seed)"
+    margin = 2 * max(statistics.stdev(values), statistics.stdev(reference))
+    return gap, "differs" if abs(statistics.mean(values) - statistics.mean(reference)) > margin else "no difference"
+
+
+def difference_table(root, grouped, reference="residual", steps=(1000, 2000, 4000)):
+    """Every router against the reference by the reading rule: the EMA validation loss at `steps` (does a gain
+    grow with training?), the final raw validation loss and the FID, each as mean +- sd over seeds."""
+    def fid(run):
+        path = root / run.name / "fid.json"
+        return json.loads(path.read_text())["fid"] if path.exists() else None
+    measures = {f"EMA loss, step {s}": (lambda run, s=s: dict(validation_curve(root / run.name)).get(s), 4)
+                for s in steps}
+    measures["raw loss, end"] = (lambda run: final_eval(root, run.name, run.steps)["val_loss"], 4)
+    measures[f"FID-{SETTINGS.fid_samples}"] = (fid, 1)
+    lines = [f"| router | measure | router's | {reference}'s | gap | by the rule |", "|---|---|---|---|---|---|"]
+    for label, runs in grouped.items():
+        if label == reference:
+            continue
+        for name, (measure, digits) in measures.items():
+            values = [v for v in map(measure, runs) if v is not None]
+            base = [v for v in map(measure, grouped[reference]) if v is not None]
+            if values and base:
+                gap, verdict = difference(values, base)
+                lines.append(f"| {label} | {name} | {mean_spread(values, digits)} | {mean_spread(base, digits)} | "
+                             f"{gap:+.1%} | {verdict} |")
+    return lines
+
+
 def match_table(root, grouped):
     """Iterations to match (the paper's measure): the step at which a configuration's EMA curve, interpolated
     between evaluations, reaches residual's final value, against residual's steps. Once for the mean curves,
@@ -589,7 +623,10 @@ def deep_report(out_dir):
         text += ["## Part 3: long runs", "",
                  f"{DEEP.long_steps} steps, batch {DEEP.batch}, each router at its picked lr ("
                  + ", ".join(f"{label} {runs[0].lr:g}" for label, runs in long.items()) + "). Final numbers:", "",
-                 *final_table(root, long), "", "EMA validation loss during training (mean over seeds):", "",
+                 *final_table(root, long), "",
+                 "Each DAR router against residual, by the reading rule (a difference counts when the means differ"
+                 " by more than twice the larger seed standard deviation):", "", *difference_table(root, long), "",
+                 "EMA validation loss during training (mean over seeds):", "",
                  *curve_table(root, long, "residual"), "", "![validation loss](long/val_loss.png)", "",
                  "Iterations to match:", "", *match_table(root, long), ""]
         if rows.exists():

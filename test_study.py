@@ -117,6 +117,13 @@ def test_the_lr_picked_is_the_one_with_the_lowest_final_ema_loss(tmp_path):
     assert [r.seed for r in long] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_a_difference_counts_beyond_twice_the_larger_seed_spread():
+    assert study.difference([1.0, 1.2], [2.0, 2.2])[1] == "differs"  # sds 0.14: the means are 1.0 apart
+    assert study.difference([1.0, 1.4], [1.3, 1.5])[1] == "no difference"  # 0.2 apart, sds up to 0.28
+    gap, verdict = study.difference([0.9], [1.0])
+    assert verdict == "unread (one seed)" and abs(gap + 0.1) < 1e-12
+
+
 def test_iterations_to_match_per_seed_against_residuals_same_seed(tmp_path):
     # fake_run falls 0.01 per evaluation (every 500 of 4000 steps): a curve ending `gap` below its residual
     # seed's final value reaches it gap / 0.01 of an evaluation before the end
@@ -183,6 +190,10 @@ def test_report_only_rebuilds_the_deep_report_from_the_kept_logs(tmp_path):
     # every static seed ends 0.005 below residual's same seed: it gets there half an evaluation (250 steps) early
     assert "| DAR static c4 | 3750 | 1.07x | 1.07 +- 0.00 (n=3) |" in text
     assert "| long-dar-static-c4-lr0.0003-s1 | 0.250 | 0.9900, 0.9000 | 1.000, 2.000 x uniform |" in text
+    # the reading rule: static ends 0.005 below residual with seed sds of 0.001 (differs); the FIDs are equal
+    assert ("| DAR static c4 | EMA loss, step 1000 | 0.3060 +- 0.0010 (n=3) | 0.3110 +- 0.0010 (n=3) | -1.6% | "
+            "differs |") in text
+    assert "| DAR static c4 | FID-1000 | 41.0 +- 1.0 (n=3) | 41.0 +- 1.0 (n=3) | +0.0% | no difference |" in text
     assert not (out / "diagnose-depth-dar").exists() and "The three routers at 48 blocks" not in text
     for figure in ("diagnose-depth/symptoms_by_t.png", "diagnose-depth/symptoms.png", "diagnose-long/symptoms.png",
                    "long/val_loss.png"):
