@@ -401,6 +401,27 @@ def kept_fid(root, run):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def training_minutes(root, run):
+    """Wall-clock minutes the run trained, summed over the sessions it ran in (train.py's clock starts again
+    at each resume, so each session's last time_s is that session's share)."""
+    clock = [record["time_s"] for record in read_log(root / run.name) if "time_s" in record]
+    return sum(now for now, after in zip(clock, clock[1:] + [0.0]) if after < now) / 60
+
+
+def cost_table(root, part_runs):
+    """Training minutes per configuration of each part, from the kept logs."""
+    lines = ["| part | configuration | runs | minutes per run | minutes in all |", "|---|---|---|---|---|"]
+    total = 0.0
+    for part, runs in part_runs.items():
+        for label, group in groups(root, runs).items():
+            minutes = [training_minutes(root, run) for run in group]
+            total += sum(minutes)
+            per_run = " / ".join(f"{m:.0f}" for m in minutes)
+            lines.append(f"| {part} | {label} | {len(group)} | {per_run} | {sum(minutes):.0f} |")
+    lines.append(f"| all | | | | {total:.0f} ({total / 60:.1f} h) |")
+    return lines
+
+
 def final_table(root, grouped, extra=None):
     """Final EMA and raw validation loss, FID, precision and recall per configuration, mean +- sd over seeds.
     extra: more rows, label -> runs."""
@@ -643,6 +664,9 @@ def deep_report(out_dir):
                                   f"The three routers at 24 blocks after {DEEP.long_steps} steps")
         text += [f"![{label}](runs/{runs[0].name}/samples.png)" for label, runs in long.items()
                  if (root / runs[0].name / "samples.png").exists()]
+    text += ["", "## Cost", "", "Training wall time of every finished run, one thread each, two jobs at a time"
+             " (sampling, FID and diagnoses not included):", "",
+             *cost_table(root, {part: part_runs[part] for part in parts})]
     (out_dir / "results.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     print(f"wrote {out_dir}/results.md and its figures")

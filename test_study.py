@@ -194,11 +194,21 @@ def test_report_only_rebuilds_the_deep_report_from_the_kept_logs(tmp_path):
     assert ("| DAR static c4 | EMA loss, step 1000 | 0.3060 +- 0.0010 (n=3) | 0.3110 +- 0.0010 (n=3) | -1.6% | "
             "differs |") in text
     assert "| DAR static c4 | FID-1000 | 41.0 +- 1.0 (n=3) | 41.0 +- 1.0 (n=3) | +0.0% | no difference |" in text
+    assert "| long | residual | 3 | 67 / 67 / 67 | 200 |" in text  # fake_run's clock: one second a step
     assert not (out / "diagnose-depth-dar").exists() and "The three routers at 48 blocks" not in text
     for figure in ("diagnose-depth/symptoms_by_t.png", "diagnose-depth/symptoms.png", "diagnose-long/symptoms.png",
                    "long/val_loss.png"):
         assert Image.open(out / figure).size[0] > 0, figure
     assert not (tmp_path / "none").exists()  # --report-only reads nothing else and writes no results
+
+
+def test_training_minutes_add_up_the_sessions_of_a_resumed_run(tmp_path):
+    run = study.depth_runs()[0]
+    clock = [(100, 60.0), (200, 120.0), (200, 30.0), (300, 90.0)]  # killed after step 200, resumed from it
+    records = [dict(step=step, loss=0.3, time_s=seconds) for step, seconds in clock] + [dict(step=300, val_loss=0.3)]
+    (tmp_path / run.name).mkdir()
+    (tmp_path / run.name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert study.training_minutes(tmp_path, run) == pytest.approx((120 + 90) / 60)
 
 
 def test_keep_copies_a_finished_runs_logs_into_the_report(tmp_path):
