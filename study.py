@@ -31,9 +31,8 @@ diagnose.py figures of residual against the best DAR, and runs/<run>/ (each run'
 As each job finishes, what the report needs is kept in --out-dir at once (runs/<run>/log.jsonl, fid.json,
 samples.png; <diagnosis>/diagnose.json trimmed to what the figures draw; routing-long/routing.json), so
 that it can be committed, and the report (results.md and every figure) is rebuilt from those files alone.
-Cost, from step, evaluation, sampling and diagnosis times measured on one thread beside two other jobs on
-the 2-core machine (the table is in docs/study-deep.md): depth 2 h 10 min of one core (1 h 15 min on the
-two lanes), lr 53 min (30 min), long 6 h (3 h); 9.0 CPU-hours, 4 h 45 min on two cores.
+Cost, measured on the 2-core machine with one thread per job (docs/study-deep.md, Cost): depth about 100
+minutes of one core, lr 71, long about 300; 7.8 CPU-hours in all, about 4 h on two cores.
 """
 import argparse
 import json
