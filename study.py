@@ -49,6 +49,7 @@ from pathlib import Path
 
 from checkpoint import in_range, latest_checkpoint, load_checkpoint, read_log, validation_curve
 from data import format_duration
+from plot import draw_curves, draw_figures
 
 HERE = Path(__file__).resolve().parent  # the scripts run from here
 MODEL = "SiT-T/4"
@@ -536,10 +537,10 @@ def routing_lines(rows):
     return lines
 
 
-def draw_curves(runs, out_dir, title):
-    """val_loss.png of [(label, run directory)] by diagnose.py --curves (the first label is the reference)."""
-    subprocess.run([sys.executable, "diagnose.py", "--out-dir", str(out_dir), "--curves-title", title, "--curves",
-                    *[f"{label}={run_dir}" for label, run_dir in runs]], check=True, cwd=HERE)
+def draw_val_loss(runs, out_dir, title):
+    """out_dir/val_loss.png: the EMA validation curves of [(label, run directory)], the first label the reference."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draw_curves([(label, validation_curve(run_dir)) for label, run_dir in runs], out_dir / "val_loss.png", title)
 
 
 def report(results, out_dir):
@@ -555,7 +556,7 @@ def report(results, out_dir):
     routing_path = results / "routing" / "diagnose.json"
     routing = routing_lines([routing_row(r, load_checkpoint(r["checkpoint"])["ema"]) for r in json.loads(
         routing_path.read_text())["reports"]]) if routing_path.exists() else []
-    draw_curves([(label, results / r.name) for label, runs in grouped.items() for r in runs], out_dir,
+    draw_val_loss([(label, results / r.name) for label, runs in grouped.items() for r in runs], out_dir,
                 f"{MODEL} on Fashion-MNIST, fixed validation batch (fixed t grid and noise)")
     (out_dir / "samples").mkdir(exist_ok=True)
     for runs in grouped.values():
@@ -607,9 +608,10 @@ def diagnosis_section(out_dir, name, title):
     path = out_dir / name / "diagnose.json"
     if not path.exists():
         return []
-    subprocess.run([sys.executable, "diagnose.py", "--redraw", str(path)], check=True, cwd=HERE)
+    reports = json.loads(path.read_text())["reports"]
+    draw_figures(reports, path.parent)
     return [f"### {title}", "", f"![symptoms]({name}/symptoms_by_t.png)", f"![symptoms]({name}/symptoms.png)", "",
-            *symptom_tables(json.loads(path.read_text())["reports"])]
+            *symptom_tables(reports)]
 
 
 def deep_report(out_dir):
@@ -645,7 +647,7 @@ def deep_report(out_dir):
     long = groups(root, part_runs["long"]) if "long" in parts else {}
     if "residual" in long:
         rows = out_dir / "routing-long" / "routing.json"
-        draw_curves([(label, root / r.name) for label, runs in long.items() for r in runs], out_dir / "long",
+        draw_val_loss([(label, root / r.name) for label, runs in long.items() for r in runs], out_dir / "long",
                     f"{LONG_MODEL} on Fashion-MNIST, fixed validation batch (fixed t grid and noise)")
         text += ["## Part 3: long runs", "",
                  f"{DEEP.long_steps} steps, batch {DEEP.batch}, each router at its picked lr ("

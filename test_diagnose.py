@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import diagnose
+import plot
 from model import SiT, create_model
 from router import Trace
 from flow import flow_matching_loss
@@ -188,14 +189,14 @@ def test_figures_have_the_expected_size_and_content(tmp_path):
         report = diagnose.diagnose_model(model, images, labels, t_grid, diagnose.parse_layers(None, DEPTH), batch_size=4)
         reports.append(dict(report, label=label))
     line_path, t_path = tmp_path / "symptoms.png", tmp_path / "by_t.png"
-    diagnose.draw_symptoms(reports, line_path, "test")
-    diagnose.draw_symptoms_by_t(reports, t_grid, t_path)
-    assert Image.open(line_path).size == diagnose.line_figure_size(3)
-    assert Image.open(t_path).size == diagnose.t_figure_size(3, len(t_grid))
+    plot.draw_symptoms(reports, line_path, "test")
+    plot.draw_symptoms_by_t(reports, t_grid, t_path)
+    assert Image.open(line_path).size == plot.line_figure_size(3)
+    assert Image.open(t_path).size == plot.t_figure_size(3, len(t_grid))
     for r in reports:
         path = tmp_path / f"routing_{r['label']}.png"
-        diagnose.draw_routing(r, r["layers"], path)
-        assert Image.open(path).size == diagnose.heatmap_figure_size(len(r["layers"]))
+        plot.draw_routing(r, r["layers"], path)
+        assert Image.open(path).size == plot.heatmap_figure_size(len(r["layers"]))
         assert ink(path) > 10000
     assert ink(line_path) > 5000 and ink(t_path) > 5000
 
@@ -250,9 +251,9 @@ def test_end_to_end_on_a_residual_and_a_dar_checkpoint(tmp_path, capsys):
         assert len(r["overall"]["rms"]) == 12 and len(r["by_t"]["grad_norm"]) == 3
         assert set(r["consumers"]) == {str(l) for l in range(1, 26)}
     assert len(saved[1]["consumers"]["25"]["importance_abs"][0]) == 25
-    for name, size in (("symptoms.png", diagnose.line_figure_size(2)), ("symptoms_by_t.png", diagnose.t_figure_size(2, 3)),
-                       ("routing_SiT-T-8-dar_7.png", diagnose.heatmap_figure_size(2)),
-                       ("routing_SiT-T-8-residual_7.png", diagnose.heatmap_figure_size(2))):
+    for name, size in (("symptoms.png", plot.line_figure_size(2)), ("symptoms_by_t.png", plot.t_figure_size(2, 3)),
+                       ("routing_SiT-T-8-dar_7.png", plot.heatmap_figure_size(2)),
+                       ("routing_SiT-T-8-residual_7.png", plot.heatmap_figure_size(2))):
         assert os.path.getsize(out_dir / name) > 0 and Image.open(out_dir / name).size == size
 
 
