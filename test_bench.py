@@ -67,3 +67,39 @@ def test_gpu_checks_skip_in_one_line_without_a_gpu():
     assert result.returncode == 0
     assert result.stdout.splitlines() == ["SKIPPED: bash .ci/gpu needs a CUDA GPU and this machine has none; "
                                           "nothing was run"]
+
+
+def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
+    """The report's reading of bench.py's tables, which otherwise runs only on a GPU: rows in bench.py's format
+    (these are the H200 run's of docs/kernel.md) become the summary's cells."""
+    import importlib.util
+    import types
+    spec = importlib.util.spec_from_file_location("gpu_report", os.path.join(os.path.dirname(__file__), ".ci",
+                                                                             "gpu_report.py"))
+    gpu_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_report)
+    router_rows = [["torch", "19", "0.18", "3.68 (1.00x)", "7.03 (1.00x)", "10.71 (1.00x)", "1.8 (+0.0%)",
+                    "110.4 (+0.0%)", "865.8 (+0.0%)"],
+                   ["triton", "19", "1.22", "0.96 (3.82x)", "1.50 (4.70x)", "2.45 (4.37x)", "0.0 (-98.2%)",
+                    "36.0 (-67.4%)", "774.2 (-10.6%)"]]
+    router_rows += [[impl, "57", *rest] for impl, _, *rest in router_rows]  # bench.py's rows for N 19 and 57
+    step_rows = [["residual", "-", "-", "+0.0%", "113", "1.00x", "13580", "1.00x"],
+                 ["dar static c1", "57", "1652", "+1.2%", "208", "1.85x", "14647", "1.08x"]]
+    asked = []
+    monkeypatch.setattr(gpu_report, "LOGS", tmp_path)
+    monkeypatch.setattr(gpu_report, "run", lambda name, command: (0, "49 passed", 1.0))
+    monkeypatch.setattr(gpu_report, "in_process", lambda name, argv: asked.append(argv) or (
+        {"SiT-XL/2": step_rows} if "step" in argv else router_rows))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        total_memory=141 * 2 ** 30))
+    monkeypatch.setattr(gpu_report.bench, "print_table", lambda header, rows: print(rows))
+    with pytest.raises(SystemExit) as stop:
+        gpu_report.main()
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "fwd 3.68 -> 0.96 ms (3.82x); bwd 7.03 -> 1.50 ms (4.70x); memory saved -98.2%; peak fwd -67.4%; " \
+           "peak fwd+bwd -10.6%" in out
+    assert [argv[argv.index("--step-batch") + 1] for argv in asked if "step" in argv] == ["32", "128"]
+    assert "SiT-XL/2 training step, bf16, batch 128: dar static c1 (dense)" in out
+    assert "1.85x residual's time (208 ms), peak memory 1.08x" in out
