@@ -7,6 +7,7 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op step --threads 1                         # every router, 12 and 24 blocks deep
     python bench.py --op step --threads 1 --kernel cpu,torch      # each DAR router under both kernels, interleaved
     python bench.py --op sample --threads 1 --routers "dar static c4"  # sample.py's model evaluations
+    python bench.py --op step --model SiT-D/4 --routers "dar static c4" --profile 12  # where the time goes
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
 256 tokens per image, d = 1152; N = 19 bounds chunk 4 (1 + M + S), 57 is dense), forward and backward, with
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     step.add_argument("--routers", default=None,
                       help="comma-separated router labels as in the table (default all; residual is always run)")
     step.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py")
+    step.add_argument("--profile", type=in_range(int, 1), default=None, metavar="N",
+                      help="after the timings, profile one more step of each router and print its N costliest ops "
+                           "and its host and device time (torch.profiler)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -369,7 +373,29 @@ def bench_step(args):
         print_table(["router", "max N_l", "sum N_l", "extra fwd FLOPs (theory)", f"{args.op} ms", "time vs residual",
                      "peak MiB", "peak vs residual"], rows)
         tables[name] = rows
+        if args.profile:
+            for label, variant in variants.items():
+                print_profile(f"{name}, {label}", lambda: run(variant), device, args.profile)
     return tables
+
+
+def print_profile(title, run, device, top):
+    """Profile one call of run(): the time the host spent in torch's ops and, on CUDA, the time the device spent
+    in kernels (a step whose host time exceeds its device time is launch-bound), and the `top` costliest ops."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    events = prof.key_averages()
+    host_ms = sum(event.self_cpu_time_total for event in events) / 1e3
+    device_ms = sum(event.self_device_time_total for event in events) / 1e3
+    print(f"\nprofile, {title}: host {host_ms:.1f} ms in ops" + (f", device {device_ms:.1f} ms in kernels"
+                                                               if device.type == "cuda" else ""))
+    print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                       row_limit=top, max_name_column_width=60))
 
 
 OPS = {"router": bench_router, "step": bench_step, "sample": bench_step}

@@ -103,3 +103,14 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
     assert [argv[argv.index("--step-batch") + 1] for argv in asked if "step" in argv] == ["32", "128"]
     assert "SiT-XL/2 training step, bf16, batch 128: dar static c1 (dense)" in out
     assert "1.85x residual's time (208 ms), peak memory 1.08x" in out
+
+
+def test_step_profile_names_the_routers_costliest_ops(capsys):
+    bench.main(["--op", "step", "--model", "SiT-T/8", "--step-batch", "2", "--repeats", "1", "--warmup", "0",
+                "--device", "cpu", "--routers", "dar static c4", "--kernel", "cpu", "--profile", "40"])
+    out = capsys.readouterr().out
+    profiles = out.split("\nprofile, ")[1:]
+    assert [profile.split(":")[0] for profile in profiles] == ["SiT-T/8, residual", "SiT-T/8, dar static c4"]
+    host_ms = [float(profile.split("host ")[1].split(" ms")[0]) for profile in profiles]
+    assert all(ms > 0 for ms in host_ms)
+    assert "dar_mix" not in profiles[0] and "dar_mix" in profiles[1]  # the C++ kernel's op, in DAR's step only

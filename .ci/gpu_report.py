@@ -73,7 +73,8 @@ def main():
     batches = ["32"] + (["128"] if memory_gib >= 80 else ["64"] if memory_gib >= 40 else [])
     for batch in batches:
         argv = ["--op", "step", "--device", "cuda", "--model", "SiT-XL/2", "--step-batch", batch, "--image-size",
-                "32", "--channels", "4", "--precision", "bf16", "--routers", "dar static c4,dar static c1"]
+                "32", "--channels", "4", "--precision", "bf16", "--routers", "dar static c4,dar static c1",
+                "--profile", "15"]  # the log has each router's host and device time and costliest ops
         for name, step_rows in in_process(f"step-batch{batch}", argv).items():
             for row in step_rows[1:]:
                 router = row[0] + (" (dense)" if row[0].endswith(" c1") else "")
