@@ -34,8 +34,11 @@ that accumulation dtype, as dar_mix's do. bf16 sources stay bf16, also in what i
 router hands over every source in one dtype (under autocast it casts v_0, the only float32 one, once per
 forward pass). Offsets are 64-bit, so tokens x d x N may pass 2^31.
 torch.compile: fused_mix and its backward are custom ops (dar::fused_mix, dar::fused_mix_backward) whose real
-implementations launch the kernels, so a compiled DAR model is one graph that calls them.
+implementations launch the kernels, so a compiled DAR model is one graph that calls them. Eager mode calls the
+same two functions through a plain autograd.Function instead: the custom ops' dispatch is host work that a GPU
+step waits for at every consumer.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -151,13 +154,19 @@ def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=Non
     the timestep query) or [B, T, d] (dynamic); gain: [d]; eps: the RMSNorm's. alpha is not differentiable
     (it is for traces). block_tokens: tokens per program (a power of two), chosen from the tile size when None.
     Sources of one dtype are read where they are; mixed dtypes are first promoted to a common one (copies).
-    The custom op dar::fused_mix carries its autograd, so torch.compile captures the call without a graph break."""
+    Under torch.compile it calls the custom op dar::fused_mix, which carries its autograd, so the compiled graph
+    has no break; in eager mode the same two functions run through a plain autograd.Function, because the custom
+    op's dispatch costs the host about 0.2 ms per consumer, which a GPU step at SiT's batch of 32 per GPU waits
+    for (docs/kernel.md)."""
     _check_inputs(sources, query, gain)
     dtype = sources[0].dtype
     for s in sources[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
     sources = [s.to(dtype).contiguous() for s in sources]  # a no-op for the router's own sources
-    h, _, alpha = torch.ops.dar.fused_mix(sources, query, gain, eps, return_alpha, block_tokens)
+    if torch.compiler.is_compiling():
+        h, _, alpha = torch.ops.dar.fused_mix(sources, query, gain, eps, return_alpha, block_tokens)
+    else:
+        h, _, alpha = _FusedMix.apply(eps, return_alpha, block_tokens, query, gain, *sources)
     return h, (alpha if return_alpha else None)
 
 
@@ -205,23 +214,16 @@ def is_per_token(query, tokens):
     return query.dim() == 3 and query.shape[1] == tokens and tokens > 1
 
 
-@torch.library.custom_op("dar::fused_mix", mutates_args=())
-def _fused_mix(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, eps: float, store_alpha: bool,
-               block_tokens: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mix(sources, query, gain, eps, store_alpha, block_tokens):
     """(h, lse, alpha), alpha empty unless store_alpha; all in the accumulation dtype."""
-    out, lse, alpha = _fused_mix_outputs(sources, query, gain, store_alpha)
+    out, lse, alpha = _mix_outputs(sources, query, gain, store_alpha)
     mix_forward(sources, query, gain, eps, out, lse, alpha if store_alpha else None, block_tokens)
     if store_alpha:
         alpha.sub_(lse[..., None]).exp_()  # the kernel stored the logits z_i: alpha_i = exp(z_i - lse)
     return out, lse, alpha
 
 
-@_fused_mix.register_fake
-def _(sources, query, gain, eps, store_alpha, block_tokens):
-    return _fused_mix_outputs(sources, query, gain, store_alpha)
-
-
-def _fused_mix_outputs(sources, query, gain, store_alpha):
+def _mix_outputs(sources, query, gain, store_alpha):
     batch, tokens, dim = sources[0].shape
     acc_dtype = accumulation_dtype(sources[0], query, gain)
     out = sources[0].new_empty((batch, tokens, dim), dtype=acc_dtype)
@@ -230,10 +232,7 @@ def _fused_mix_outputs(sources, query, gain, store_alpha):
     return out, lse, alpha
 
 
-@torch.library.custom_op("dar::fused_mix_backward", mutates_args=())
-def _fused_mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor, grad_out: torch.Tensor, eps: float,
-                        block_tokens: Optional[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens):
     """(the gradient of every source, of the query, of the gain)."""
     batch, tokens, dim = sources[0].shape
     blocks = num_token_blocks(tokens, dim, block_tokens)
@@ -247,6 +246,43 @@ def _fused_mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: 
         per_sample = grad_query.sum(dim=1, keepdim=True)
         grad_query = (per_sample.sum(dim=0).flatten() if query.dim() == 1 else per_sample) * gain
     return grad_sources, grad_query.to(query.dtype), grad_gain_partial.sum(dim=(0, 1)).to(gain.dtype)
+
+
+class _FusedMix(torch.autograd.Function):
+    """Eager mode: _mix forward, _mix_gradients backward, with no custom-op dispatch around them."""
+
+    @staticmethod
+    def forward(ctx, eps, store_alpha, block_tokens, query, gain, *sources):
+        out, lse, alpha = _mix(sources, query, gain, eps, store_alpha, block_tokens)
+        ctx.save_for_backward(query, gain, out, lse, *sources)
+        ctx.eps, ctx.block_tokens = eps, block_tokens
+        ctx.mark_non_differentiable(lse, alpha)
+        return out, lse, alpha
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        query, gain, out, lse, *sources = ctx.saved_tensors
+        grad_sources, grad_query, grad_gain = _mix_gradients(sources, query, gain, out, lse, grad_out, ctx.eps,
+                                                             ctx.block_tokens)
+        return None, None, None, grad_query, grad_gain, *grad_sources
+
+
+@torch.library.custom_op("dar::fused_mix", mutates_args=())
+def _fused_mix(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, eps: float, store_alpha: bool,
+               block_tokens: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mix(sources, query, gain, eps, store_alpha, block_tokens)
+
+
+@_fused_mix.register_fake
+def _(sources, query, gain, eps, store_alpha, block_tokens):
+    return _mix_outputs(sources, query, gain, store_alpha)
+
+
+@torch.library.custom_op("dar::fused_mix_backward", mutates_args=())
+def _fused_mix_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, grad_out: torch.Tensor, eps: float,
+                        block_tokens: Optional[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens)
 
 
 @_fused_mix_backward.register_fake
@@ -320,6 +356,7 @@ def _query_strides(query, batch, tokens):
     return query, stride_b, (query.stride(1) if is_per_token(query, tokens) else 0)
 
 
+@functools.lru_cache(maxsize=None)  # called three times per consumer with the same few shapes
 def _blocks(tokens, dim, block_tokens):
     """(tokens per program, the width padded to a power of two, warps per program)."""
     block_d = triton.next_power_of_2(dim)

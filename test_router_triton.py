@@ -203,6 +203,19 @@ def test_compiled_model_has_no_graph_break():
     assert sum("dar.fused_mix" in op for op in ops) == 2 * 3  # consumers 2..2L+1
 
 
+def test_eager_calls_run_the_kernels_without_the_custom_op_dispatch():
+    """Eager mode goes through a plain autograd.Function (the custom op's dispatch costs the host about 0.2 ms per
+    consumer, docs/kernel.md); torch.compile goes through the custom op (test_compiled_model_has_no_graph_break)."""
+    leaves, grad_h = make_inputs(3, 2, 5, 16, "static", torch.float64)
+    query, gain, *sources = leaves
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        h, _ = fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=False)
+        torch.autograd.grad(h, leaves, grad_h)
+    names = {event.name for event in profile.events()}
+    assert any("_FusedMix" in name for name in names), sorted(names)
+    assert not any("dar::fused_mix" in name for name in names), sorted(names)
+
+
 def test_bfloat16_sources_are_saved_without_float32_copies():
     """Under autocast the router hands over bf16 sources: the backward keeps them and h, no float32 copy."""
     (query, gain, *sources), _ = make_inputs(5, 2, 9, 96, "static", torch.bfloat16)
