@@ -102,7 +102,7 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
            "peak fwd+bwd -10.6%" in out
     assert [argv[argv.index("--step-batch") + 1] for argv in asked if "step" in argv] == ["32", "128"]
     assert "SiT-XL/2 training step, bf16, batch 128: dar static c1 (dense)" in out
-    assert "1.85x residual's time (208 ms), peak memory 1.08x" in out
+    assert "1.85x residual's time (DAR 208 ms, residual 113), peak memory 1.08x" in out
 
 
 def test_step_profile_names_the_routers_costliest_ops(capsys):

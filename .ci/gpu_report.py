@@ -75,12 +75,13 @@ def main():
         argv = ["--op", "step", "--device", "cuda", "--model", "SiT-XL/2", "--step-batch", batch, "--image-size",
                 "32", "--channels", "4", "--precision", "bf16", "--routers", "dar static c4,dar static c1",
                 "--profile", "15"]  # the log has each router's host and device time and costliest ops
-        for name, step_rows in in_process(f"step-batch{batch}", argv).items():
-            for row in step_rows[1:]:
+        for name, (residual, *step_rows) in in_process(f"step-batch{batch}", argv).items():
+            for row in step_rows:
                 router = row[0] + (" (dense)" if row[0].endswith(" c1") else "")
                 rows.append([f"{name} training step, bf16, batch {batch}: {router}",
                              f"`python bench.py {' '.join(repr(a) if ' ' in a else a for a in argv)}`",
-                             f"{row[5]} residual's time ({row[4]} ms), peak memory {row[7]}"])
+                             f"{row[5]} residual's time (DAR {row[4]} ms, residual {residual[4]}), "
+                             f"peak memory {row[7]}"])
 
     command = [sys.executable, "train.py", "--model", "SiT-B/2", "--router", "dar", "--chunk", "4", "--max-steps",
                "50", "--compile", "--precision", "bf16", "--sample-grid", "0", "--results-dir", str(LOGS / "train"),
