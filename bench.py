@@ -34,6 +34,7 @@ sees beyond residual's (U-Net's skip Linears, the dynamic query projections W_l 
 about 6 d FLOPs per source per token (RMS 2d, q . s 2d, alpha_i s_i 2d), i.e. 6 d sum N_l per token.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -375,7 +376,7 @@ def bench_step(args):
         tables[name] = rows
         if args.profile:
             for label, variant in variants.items():
-                print_profile(f"{name}, {label}", lambda: run(variant), device, args.profile)
+                print_profile(f"{name}, {label}", functools.partial(run, variant), device, args.profile)
     return tables
 
 
@@ -390,8 +391,11 @@ def print_profile(title, run, device, top):
         run()
         synchronize(device)
     events = prof.key_averages()
-    host_ms = sum(event.self_cpu_time_total for event in events) / 1e3
-    device_ms = sum(event.self_device_time_total for event in events) / 1e3
+    # the closing synchronize waits for the device: not host work. Kernels are counted once, as device events
+    # (their launching ops carry their time too).
+    host_ms = sum(event.self_cpu_time_total for event in events if "Synchronize" not in event.key) / 1e3
+    device_ms = sum(event.self_device_time_total for event in events
+                    if event.device_type != torch.autograd.DeviceType.CPU) / 1e3
     print(f"\nprofile, {title}: host {host_ms:.1f} ms in ops" + (f", device {device_ms:.1f} ms in kernels"
                                                                if device.type == "cuda" else ""))
     print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",

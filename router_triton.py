@@ -249,21 +249,20 @@ def _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens):
 
 
 class _FusedMix(torch.autograd.Function):
-    """Eager mode: _mix forward, _mix_gradients backward, with no custom-op dispatch around them."""
+    """Eager mode: _mix forward, _mix_gradients backward, with no custom-op dispatch around them. Unlike the
+    custom op it has no fake implementation: tracing outside torch.compile and export (FakeTensorMode, make_fx)
+    would reach the kernels."""
 
     @staticmethod
     def forward(ctx, eps, store_alpha, block_tokens, query, gain, *sources):
-        out, lse, alpha = _mix(sources, query, gain, eps, store_alpha, block_tokens)
-        ctx.save_for_backward(query, gain, out, lse, *sources)
-        ctx.eps, ctx.block_tokens = eps, block_tokens
-        ctx.mark_non_differentiable(lse, alpha)
-        return out, lse, alpha
+        output = _mix(sources, query, gain, eps, store_alpha, block_tokens)
+        _save_for_fused_backward(ctx, (sources, query, gain, eps, store_alpha, block_tokens), output)
+        return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the custom op: no second derivative
     def backward(ctx, grad_out, *_):
-        query, gain, out, lse, *sources = ctx.saved_tensors
-        grad_sources, grad_query, grad_gain = _mix_gradients(sources, query, gain, out, lse, grad_out, ctx.eps,
-                                                             ctx.block_tokens)
+        grad_sources, grad_query, grad_gain = _saved_gradients(ctx, grad_out, _mix_gradients)
         return None, None, None, grad_query, grad_gain, *grad_sources
 
 
@@ -298,10 +297,14 @@ def _save_for_fused_backward(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, alpha)
 
 
-def _fused_gradients(ctx, grad_out, *_):
+def _saved_gradients(ctx, grad_out, gradients):
+    """gradients (_mix_gradients, or the custom op around it) of what _save_for_fused_backward kept."""
     query, gain, out, lse, *sources = ctx.saved_tensors
-    grad_sources, grad_query, grad_gain = torch.ops.dar.fused_mix_backward(
-        sources, query, gain, out, lse, grad_out, ctx.eps, ctx.block_tokens)
+    return gradients(sources, query, gain, out, lse, grad_out, ctx.eps, ctx.block_tokens)
+
+
+def _fused_gradients(ctx, grad_out, *_):
+    grad_sources, grad_query, grad_gain = _saved_gradients(ctx, grad_out, torch.ops.dar.fused_mix_backward)
     return grad_sources, grad_query, grad_gain, None, None, None
 
 

@@ -69,9 +69,11 @@ def test_gpu_checks_skip_in_one_line_without_a_gpu():
                                           "nothing was run"]
 
 
-def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
-    """The report's reading of bench.py's tables, which otherwise runs only on a GPU: rows in bench.py's format
-    (these are the H200 run's of docs/kernel.md) become the summary's cells."""
+def run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib=141, failing=()):
+    """.ci/gpu_report.py's main() on CPU: CUDA faked, its subprocess checks passing, bench.py's tables replaced by
+    rows in bench.py's format (the H200 run's of docs/kernel.md); a bench run whose argv has a (flag, value) of
+    `failing` raises.
+    Returns (exit status, printed summary, the --step-batch values asked for)."""
     import importlib.util
     import types
     spec = importlib.util.spec_from_file_location("gpu_report", os.path.join(os.path.dirname(__file__), ".ci",
@@ -85,24 +87,53 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
     router_rows += [[impl, "57", *rest] for impl, _, *rest in router_rows]  # bench.py's rows for N 19 and 57
     step_rows = [["residual", "-", "-", "+0.0%", "113", "1.00x", "13580", "1.00x"],
                  ["dar static c1", "57", "1652", "+1.2%", "208", "1.85x", "14647", "1.08x"]]
-    asked = []
+    batches = []
+
+    def bench_main(argv):
+        if "step" in argv:
+            batches.append(argv[argv.index("--step-batch") + 1])
+        if any(flag in argv and argv[argv.index(flag) + 1] == value for flag, value in failing):
+            raise RuntimeError("CUDA out of memory")
+        return {"SiT-XL/2": step_rows} if "step" in argv else router_rows
+
     monkeypatch.setattr(gpu_report, "LOGS", tmp_path)
     monkeypatch.setattr(gpu_report, "run", lambda name, command: (0, "49 passed", 1.0))
-    monkeypatch.setattr(gpu_report, "in_process", lambda name, argv: asked.append(argv) or (
-        {"SiT-XL/2": step_rows} if "step" in argv else router_rows))
+    monkeypatch.setattr(gpu_report.bench, "main", bench_main)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-        total_memory=141 * 2 ** 30))
+        total_memory=memory_gib * 2 ** 30))
     monkeypatch.setattr(gpu_report.bench, "print_table", lambda header, rows: print(rows))
     with pytest.raises(SystemExit) as stop:
         gpu_report.main()
-    assert stop.value.code == 0
-    out = capsys.readouterr().out
+    return stop.value.code, capsys.readouterr().out, batches
+
+
+def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
+    """The report's reading of bench.py's tables, which otherwise runs only on a GPU."""
+    status, out, batches = run_gpu_report(monkeypatch, tmp_path, capsys)
+    assert status == 0
     assert "fwd 3.68 -> 0.96 ms (3.82x); bwd 7.03 -> 1.50 ms (4.70x); memory saved -98.2%; peak fwd -67.4%; " \
            "peak fwd+bwd -10.6%" in out
-    assert [argv[argv.index("--step-batch") + 1] for argv in asked if "step" in argv] == ["32", "128"]
+    assert batches == ["32", "128"]
     assert "SiT-XL/2 training step, bf16, batch 128: dar static c1 (dense)" in out
-    assert "1.85x residual's time (DAR 208 ms, residual 113), peak memory 1.08x" in out
+    assert "1.85x residual's time (DAR 208 ms, residual 113 ms), peak memory 1.08x" in out
+
+
+@pytest.mark.parametrize("memory_gib,batches", [(79.2, ["32", "128"]), (39.4, ["32", "64"]), (23.6, ["32"])])
+def test_gpu_report_sizes_the_second_step_batch_by_the_cards_memory(memory_gib, batches, monkeypatch, tmp_path,
+                                                                   capsys):
+    """An 80 GB card reports 79.2 GiB and a 40 GB one 39.4: each must get the batch meant for it."""
+    assert run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib)[2] == batches
+
+
+def test_gpu_report_goes_on_after_a_failed_bench(monkeypatch, tmp_path, capsys):
+    """An out-of-memory step table becomes a FAILED row; the training check still runs; the exit status is 1."""
+    status, out, _ = run_gpu_report(monkeypatch, tmp_path, capsys, failing=[("--dtype", "float32"), ("--step-batch", "128")])
+    assert status == 1
+    assert "DAR mix, float32" in out and "FAILED: see" in out and "DAR mix N 57, bfloat16" in out
+    assert "SiT-XL/2 training step, bf16, batch 128" in out and "batch 32: dar static c1 (dense)" in out
+    assert "50 training steps, --compile, bf16" in out
+    assert "CUDA out of memory" in (tmp_path / "step-batch128.log").read_text()
 
 
 def test_step_profile_names_the_routers_costliest_ops(capsys):
@@ -113,4 +144,4 @@ def test_step_profile_names_the_routers_costliest_ops(capsys):
     assert [profile.split(":")[0] for profile in profiles] == ["SiT-T/8, residual", "SiT-T/8, dar static c4"]
     host_ms = [float(profile.split("host ")[1].split(" ms")[0]) for profile in profiles]
     assert all(ms > 0 for ms in host_ms)
-    assert "dar_mix" not in profiles[0] and "dar_mix" in profiles[1]  # the C++ kernel's op, in DAR's step only
+    assert "dar::mix" not in profiles[0] and "dar::mix" in profiles[1]  # the C++ kernel's op, in DAR's step only

@@ -216,6 +216,17 @@ def test_eager_calls_run_the_kernels_without_the_custom_op_dispatch():
     assert not any("dar::fused_mix" in name for name in names), sorted(names)
 
 
+def test_a_second_derivative_is_refused_not_wrong():
+    """The hand-written backward is not itself differentiable: asking through it must fail, in eager mode as
+    through the custom op, rather than return a wrong number."""
+    leaves, grad_h = make_inputs(3, 2, 5, 16, "static", torch.float64)
+    query, gain, *sources = leaves
+    h, _ = fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=False)
+    grad_query, = torch.autograd.grad(h, query, grad_h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_query.sum(), gain)
+
+
 def test_bfloat16_sources_are_saved_without_float32_copies():
     """Under autocast the router hands over bf16 sources: the backward keeps them and h, no float32 copy."""
     (query, gain, *sources), _ = make_inputs(5, 2, 9, 96, "static", torch.bfloat16)

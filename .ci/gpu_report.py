@@ -14,6 +14,7 @@ import io
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,12 +34,21 @@ def run(name, command):
 
 
 def in_process(name, argv):
-    """bench.main(argv) with its printed tables logged; returns what it returns."""
+    """bench.main(argv) with its printed tables logged; what it returns, or None if it failed (the error is
+    logged, and the other checks still run: an out-of-memory step table must not lose the training check)."""
     output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        result = bench.main(argv)
+    try:
+        with contextlib.redirect_stdout(output):
+            result = bench.main(argv)
+    except Exception:
+        output.write(traceback.format_exc())
+        result = None
     (LOGS / f"{name}.log").write_text(output.getvalue())
     return result
+
+
+def command_cell(argv):
+    return f"`python bench.py {' '.join(repr(a) if ' ' in a else a for a in argv)}`"
 
 
 def main():
@@ -57,30 +67,39 @@ def main():
         argv = ["--op", "router", "--device", "cuda", "--batch", "32", "--tokens", "256", "--dim", "1152",
                 "--sources", "19,57", "--dtype", dtype, "--impls", "torch,triton"]
         table = in_process(f"router-{dtype}", argv)
+        if table is None:
+            failed = True
+            rows.append([f"DAR mix, {dtype}", command_cell(argv), f"FAILED: see {LOGS}/router-{dtype}.log"])
+            continue
         for n in ("19", "57"):
             plain, fused = (next(row for row in table if row[:2] == [impl, n]) for impl in ("torch", "triton"))
             times = "; ".join(f"{what} {plain[col].split()[0]} -> {fused[col].split()[0]} ms "
                               f"{fused[col].split()[1]}" for what, col in (("fwd", 3), ("bwd", 4)))
             memory = "; ".join(f"{what} {fused[col].split()[1].strip('()')}"
                                for what, col in (("saved", 6), ("peak fwd", 7), ("peak fwd+bwd", 8)))
-            rows.append([f"DAR mix N {n}, {dtype}: dar_mix -> kernel", f"`python bench.py {' '.join(argv)}`",
+            rows.append([f"DAR mix N {n}, {dtype}: dar_mix -> kernel", command_cell(argv),
                          f"{times}; memory {memory}"])
 
     # Batch 32 is SiT's per-GPU batch on 8 GPUs, where a step of SiT-XL/2 is short enough for the host's per-op
     # work to show (docs/kernel.md); a larger batch, where the GPU's memory allows, shows how much of DAR's cost
     # that is.
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-    batches = ["32"] + (["128"] if memory_gib >= 80 else ["64"] if memory_gib >= 40 else [])
+    batches = ["32"] + (["128"] if memory_gib >= 75 else ["64"] if memory_gib >= 38 else [])  # 80 and 40 GB cards
     for batch in batches:
         argv = ["--op", "step", "--device", "cuda", "--model", "SiT-XL/2", "--step-batch", batch, "--image-size",
                 "32", "--channels", "4", "--precision", "bf16", "--routers", "dar static c4,dar static c1",
                 "--profile", "15"]  # the log has each router's host and device time and costliest ops
-        for name, (residual, *step_rows) in in_process(f"step-batch{batch}", argv).items():
+        tables = in_process(f"step-batch{batch}", argv)
+        if tables is None:
+            failed = True
+            rows.append([f"SiT-XL/2 training step, bf16, batch {batch}", command_cell(argv),
+                         f"FAILED: see {LOGS}/step-batch{batch}.log"])
+            continue
+        for name, (residual, *step_rows) in tables.items():
             for row in step_rows:
                 router = row[0] + (" (dense)" if row[0].endswith(" c1") else "")
-                rows.append([f"{name} training step, bf16, batch {batch}: {router}",
-                             f"`python bench.py {' '.join(repr(a) if ' ' in a else a for a in argv)}`",
-                             f"{row[5]} residual's time (DAR {row[4]} ms, residual {residual[4]}), "
+                rows.append([f"{name} training step, bf16, batch {batch}: {router}", command_cell(argv),
+                             f"{row[5]} residual's time (DAR {row[4]} ms, residual {residual[4]} ms), "
                              f"peak memory {row[7]}"])
 
     command = [sys.executable, "train.py", "--model", "SiT-B/2", "--router", "dar", "--chunk", "4", "--max-steps",
