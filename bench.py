@@ -8,6 +8,7 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op step --threads 1 --kernel cpu,torch      # each DAR router under both kernels, interleaved
     python bench.py --op sample --threads 1 --routers "dar static c4"  # sample.py's model evaluations
     python bench.py --op step --model SiT-D/4 --routers "dar static c4" --profile 12  # where the time goes
+    python bench.py --op host --threads 1 --routers "dar static c4"   # DAR's host work per SiT-XL/2 step
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
 256 tokens per image, d = 1152; N = 19 bounds chunk 4 (1 + M + S), 57 is dense), forward and backward, with
@@ -32,6 +33,10 @@ residual: the live sources (the most any consumer reads, and the sum N_l over th
 l = 2..2L+1, counted from a traced forward; sublayer 1 reads v_0 alone) and the theoretical extra forward FLOPs: the matmuls torch's FLOP counter
 sees beyond residual's (U-Net's skip Linears, the dynamic query projections W_l u_l) plus Eq. 5's mixing,
 about 6 d FLOPs per source per token (RMS 2d, q . s 2d, alpha_i s_i 2d), i.e. 6 d sum N_l per token.
+
+--op host: the host work (Python, dispatch, autograd) DAR adds around the fused kernel in a training step,
+measured on the CPU with the kernel launches stubbed (bench_host): on a GPU at SiT's batch of 32 per GPU the
+step waits for it.
 """
 import argparse
 import functools
@@ -45,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import in_range
 from flow import flow_matching_loss, guided_velocity
-from model import SiT_models, create_model
+from model import SIT_SIZES, SiT, SiT_models, create_model
 from router import KERNELS, QUERIES, RMS_EPS, Trace, cpu_dar_mix, dar_mix
 
 MIB = 2 ** 20
@@ -83,8 +88,9 @@ def parse_args(argv=None):
     router.add_argument("--impls", default=None,
                         help="comma-separated from torch,compile,cpu,triton; default torch,compile and the "
                              "device's own (triton on cuda, cpu on cpu)")
-    step = parser.add_argument_group("--op step and --op sample")
-    step.add_argument("--model", default="SiT-T/4,SiT-D/4", help="comma-separated SiT configs (default %(default)s)")
+    step = parser.add_argument_group("--op step, --op sample and --op host")
+    step.add_argument("--model", default=None,
+                      help="comma-separated SiT configs (default SiT-T/4,SiT-D/4; --op host: SiT-XL/2)")
     step.add_argument("--image-size", type=in_range(int, 1), default=32, help="(default %(default)s)")
     step.add_argument("--channels", type=in_range(int, 1), default=1, help="image channels (default %(default)s, Fashion-MNIST)")
     step.add_argument("--step-batch", type=in_range(int, 1), default=None, help="images per step; default 256 on cuda, 32 on cpu")
@@ -98,6 +104,12 @@ def parse_args(argv=None):
                       help="after the timings, profile one more step of each router and print its N costliest ops "
                            "and its host and device time (torch.profiler)")
     args = parser.parse_args(argv)
+    if args.op == "host":  # see bench_host
+        if args.device == "cuda":
+            parser.error("--op host runs on the CPU (it measures the host's work with the kernels stubbed)")
+        args.device, args.kernel, args.precision = "cpu", ["triton"], "fp32"
+        args.image_size, args.channels, args.step_batch = 8, 4, 2
+    args.model = args.model or ("SiT-XL/2" if args.op == "host" else "SiT-T/4,SiT-D/4")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -279,8 +291,13 @@ STEP_VARIANTS = [("residual", "residual", "static", 1), ("unet", "unet", "static
 
 def step_model(args, name, router, query, chunk, kernel, device):
     torch.manual_seed(args.seed)
-    return create_model(name, input_size=args.image_size, in_channels=args.channels, num_classes=10, router=router,
-                        query=query, chunk=chunk, kernel=kernel).to(device)
+    options = dict(input_size=args.image_size, in_channels=args.channels, num_classes=10, router=router, query=query,
+                   chunk=chunk, kernel=kernel)
+    if args.op == "host":  # the config's depth at width HOST_WIDTH: the arithmetic is negligible, the host work is not
+        size, patch = name[len("SiT-"):].split("/")
+        return SiT(depth=SIT_SIZES[size][0], hidden_size=HOST_WIDTH, num_heads=2, patch_size=int(patch),
+                   **options).to(device)
+    return create_model(name, **options).to(device)
 
 
 def matmul_flops(model, x, t, y):
@@ -315,7 +332,8 @@ def bench_step(args):
             raise SystemExit(f"--routers {label!r}: choose from {', '.join(labels)}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    what = "training step" if args.op == "step" else "sampling (one model evaluation, no grad)"
+    what = {"step": "training step", "sample": "sampling (one model evaluation, no grad)",
+            "host": f"host work of a training step (width {HOST_WIDTH}, the fused kernel's launches stubbed)"}[args.op]
     print(f"{what}, {where}, {args.precision}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
           f"{args.image_size}^2 images; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
           f"ratios to residual")
@@ -349,7 +367,7 @@ def bench_step(args):
             with autocast:
                 variant["velocity"](x, 0.5)
 
-        run = train_step if args.op == "step" else sample_step
+        run = sample_step if args.op == "sample" else train_step
         for repeat in range(args.warmup + args.repeats):
             for variant in variants.values():
                 synchronize(device)
@@ -374,6 +392,12 @@ def bench_step(args):
         print_table(["router", "max N_l", "sum N_l", "extra fwd FLOPs (theory)", f"{args.op} ms", "time vs residual",
                      "peak MiB", "peak vs residual"], rows)
         tables[name] = rows
+        if args.op == "host":
+            for label, variant in variants.items():
+                if label != "residual":
+                    extra_us = 1e6 * (variant["time"] - reference["time"]) / (2 * depth)
+                    print(f"{label}: {extra_us:.0f} us of host work per mixing consumer (2L = {2 * depth}) "
+                          f"beyond residual's step")
         if args.profile:
             for label, variant in variants.items():
                 print_profile(f"{name}, {label}", functools.partial(run, variant), device, args.profile)
@@ -402,7 +426,34 @@ def print_profile(title, run, device, top):
                        row_limit=top, max_name_column_width=60))
 
 
-OPS = {"router": bench_router, "step": bench_step, "sample": bench_step}
+#################################################################################
+#     --op host: the host work around the fused kernel, measured on a CPU        #
+#################################################################################
+
+HOST_WIDTH = 64
+
+
+def bench_host(args):
+    """--op host: what the host (Python, the dispatcher, autograd) spends on DAR in a training step, beyond
+    residual's. On a GPU at SiT's batch of 32 per GPU, the step waits for it (docs/kernel.md); it can be measured
+    on any CPU. The models have the configs' depth at width 64 and 16 tokens, DAR runs kernel "triton" in
+    Triton's interpreter, and the two kernel launches (router_triton.mix_forward and mix_backward) are replaced
+    by functions that do nothing, so what is timed is all the work around the kernels. What only a GPU has
+    (the launches, the copies of the source-offset tables, the CUDA allocator) is not in it."""
+    if "router_triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when router_triton (and triton) is first imported
+    import router_triton
+    if not router_triton.INTERPRETED:
+        raise SystemExit("--op host needs Triton's interpreter: run it without TRITON_INTERPRET=0")
+    launches = router_triton.mix_forward, router_triton.mix_backward
+    router_triton.mix_forward = router_triton.mix_backward = lambda *args, **kwargs: None
+    try:
+        return bench_step(args)
+    finally:
+        router_triton.mix_forward, router_triton.mix_backward = launches
+
+
+OPS = {"router": bench_router, "step": bench_step, "sample": bench_step, "host": bench_host}
 
 
 def main(argv=None):

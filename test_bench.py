@@ -145,3 +145,21 @@ def test_step_profile_names_the_routers_costliest_ops(capsys):
     host_ms = [float(profile.split("host ")[1].split(" ms")[0]) for profile in profiles]
     assert all(ms > 0 for ms in host_ms)
     assert "dar::mix" not in profiles[0] and "dar::mix" in profiles[1]  # the C++ kernel's op, in DAR's step only
+
+
+def test_host_op_times_the_work_around_stubbed_kernels(capsys, monkeypatch):
+    """--op host runs DAR's fused path with its kernel launches replaced (a kernel reached would raise here),
+    reports the host work per mixing consumer, and puts the launches back."""
+    import router_triton
+    launches = router_triton.mix_forward, router_triton.mix_backward
+    for kernel in ("_mix_forward_kernel", "_mix_backward_kernel"):
+        monkeypatch.setattr(router_triton, kernel, None)  # `None[grid]` would fail
+    tables = bench.main(["--op", "host", "--model", "SiT-S/8", "--routers", "dar static c4", "--repeats", "1",
+                         "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "host work of a training step (width 64, the fused kernel's launches stubbed)" in out
+    assert [row[0] for row in tables["SiT-S/8"]] == ["residual", "dar static c4"]
+    line = next(line for line in out.splitlines() if line.startswith("dar static c4: "))
+    float(line.split()[3])  # a number of microseconds (not asserted: timings are bench.py's, not the tests')
+    assert "of host work per mixing consumer (2L = 24)" in line
+    assert (router_triton.mix_forward, router_triton.mix_backward) == launches
