@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LIBRARY = {"model", "router", "router_triton", "data", "flow", "checkpoint", "plot"}
+LIBRARY = {"model", "router", "router_triton", "data", "flow", "checkpoint", "plot", "study_tables"}
 SCRIPTS = {"train", "sample", "fid", "diagnose", "bench", "study", "distill"}
 
 

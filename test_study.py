@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import study
+import study_tables
 from model import SIT_SIZES
 
 
@@ -37,9 +38,9 @@ def default_settings(monkeypatch):
 
 def test_steps_to_reach_interpolates_between_evaluations():
     curve = [(100, 0.5), (200, 0.3), (300, 0.2)]
-    assert study.steps_to_reach(curve, 0.4) == pytest.approx(150)
-    assert study.steps_to_reach(curve, 0.5) == 100
-    assert study.steps_to_reach(curve, 0.1) is None
+    assert study_tables.steps_to_reach(curve, 0.4) == pytest.approx(150)
+    assert study_tables.steps_to_reach(curve, 0.5) == 100
+    assert study_tables.steps_to_reach(curve, 0.1) is None
 
 
 def test_best_query_runs_are_planned_once_the_chunk_4_queries_finish(tmp_path):
@@ -118,9 +119,9 @@ def test_the_lr_picked_is_the_one_with_the_lowest_final_ema_loss(tmp_path):
 
 
 def test_a_difference_counts_beyond_twice_the_larger_seed_spread():
-    assert study.difference([1.0, 1.2], [2.0, 2.2])[1] == "differs"  # sds 0.14: the means are 1.0 apart
-    assert study.difference([1.0, 1.4], [1.3, 1.5])[1] == "no difference"  # 0.2 apart, sds up to 0.28
-    gap, verdict = study.difference([0.9], [1.0])
+    assert study_tables.difference([1.0, 1.2], [2.0, 2.2])[1] == "differs"  # sds 0.14: the means are 1.0 apart
+    assert study_tables.difference([1.0, 1.4], [1.3, 1.5])[1] == "no difference"  # 0.2 apart, sds up to 0.28
+    gap, verdict = study_tables.difference([0.9], [1.0])
     assert verdict == "unread (one seed)" and abs(gap + 0.1) < 1e-12
 
 
@@ -132,13 +133,13 @@ def test_iterations_to_match_per_seed_against_residuals_same_seed(tmp_path):
         for label, loss in (("residual", final), ("DAR", final - gap)):
             fake_run(tmp_path, f"{label}-s{seed}", loss, steps=4000)
             grouped[label].append(study.Run(f"{label}-s{seed}", label, [], seed, steps=4000))
-    lines = study.match_table(tmp_path, grouped)
+    lines = study_tables.match_table(tmp_path, grouped)
     assert lines[0] == "Residual's final EMA validation loss (mean of 3 seeds): 0.2500."
     # steps 3750, 4000 and 3875: speed-ups 1.0667, 1.0 and 1.0323
     assert lines[-1].endswith("| 1.03 +- 0.03 (n=3) |")
     fake_run(tmp_path, "late-s1", 0.2530, steps=4000)
     grouped["DAR"][1] = study.Run("late-s1", "DAR", [], 1, steps=4000)  # ends above residual seed 1's 0.252
-    assert study.match_table(tmp_path, grouped)[-1].endswith("| 1.05 +- 0.02 (n=2); 1 of 3 not reached |")
+    assert study_tables.match_table(tmp_path, grouped)[-1].endswith("| 1.05 +- 0.02 (n=2); 1 of 3 not reached |")
 
 
 def fake_diagnosis(out_dir, name, runs, steps):
@@ -208,7 +209,7 @@ def test_training_minutes_add_up_the_sessions_of_a_resumed_run(tmp_path):
     records = [dict(step=step, loss=0.3, time_s=seconds) for step, seconds in clock] + [dict(step=300, val_loss=0.3)]
     (tmp_path / run.name).mkdir()
     (tmp_path / run.name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert study.training_minutes(tmp_path, run) == pytest.approx((120 + 90) / 60)
+    assert study_tables.training_minutes(tmp_path, run) == pytest.approx((120 + 90) / 60)
 
 
 def test_keep_copies_a_finished_runs_logs_into_the_report(tmp_path):
