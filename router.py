@@ -208,19 +208,26 @@ def dar_mix(sources, query, gain, eps=RMS_EPS):
     return h, alpha
 
 
-def mix_sources(sources, query, gain, kernel="auto", need_alpha=True):
+def mix_sources(sources, query, gain, kernel="auto", need_alpha=True, gradient_sums=None):
     """Eq. 5 with the chosen implementation: kernel "torch" is dar_mix, "cpu" cpu_dar_mix (the C++ kernel of
     router_cpu.cpp as a custom op, below), "triton" the fused kernel of router_triton (imported only here, so
     that the rest of the project never needs triton), "auto" the fused kernel for CUDA sources and cpu_dar_mix
-    elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when need_alpha is False."""
-    if kernel == "auto" and not sources[0].is_cuda:
-        kernel = "cpu" if sources[0].is_cpu and cpu_kernel_available() else "torch"
+    elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when need_alpha is False.
+    gradient_sums (one SourceGradient per source, or None) reach the C++ kernel only: see cpu_dar_mix."""
+    kernel = chosen_kernel(kernel, sources[0])
     if kernel == "torch":
         return dar_mix(sources, query, gain)
     if kernel == "cpu":
-        return cpu_dar_mix(sources, query, gain)
+        return cpu_dar_mix(sources, query, gain, gradient_sums=gradient_sums)
     from router_triton import fused_dar_mix
     return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha)
+
+
+def chosen_kernel(kernel, source):
+    """The kernel that computes Eq. 5 for sources like `source`: kernel itself, unless it is "auto"."""
+    if kernel == "auto" and not source.is_cuda:
+        return "cpu" if source.is_cpu and cpu_kernel_available() else "torch"
+    return kernel
 
 
 def _mix_dtype(sources, query, gain):
@@ -303,7 +310,11 @@ class DARRouter(nn.Module):
 class DARRoute(Route):
     """Chunked aggregation: each consumer reads the sources chunk_sources lists. Only what some later consumer
     reads stays referenced: v_0, the summaries of finished chunks, and the raw outputs of the chunk being
-    filled (at most 1 + M + S tensors); a raw output is dropped once its chunk is summarized."""
+    filled (at most 1 + M + S tensors); a raw output is dropped once its chunk is summarized.
+
+    In eager training with the C++ kernel every source also has a SourceGradient: the kernel's backward adds
+    each consumer's dL/ds_i into it, and autograd receives one gradient per source instead of one per
+    (consumer, source) pair to add up."""
 
     def __init__(self, router, v0, t_emb, trace, keep_hidden):
         super().__init__(router.depth, trace, keep_hidden)
@@ -312,7 +323,12 @@ class DARRoute(Route):
         self.kernel = router.kernel
         self.query_multiplier = router.query_multiplier
         self.t_emb = t_emb
-        self.stored = {(0, 0): _as_source(v0)}  # (first, last) sublayer range -> v_0, a raw output or a summary
+        # torch.compile traces the functional custom ops instead (their autograd returns every gradient)
+        sums_gradients = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                          and chosen_kernel(router.kernel, v0) == "cpu" and cpu_kernel_available())
+        self.gradient_sums = {} if sums_gradients else None  # (first, last) -> SourceGradient
+        self.stored = {}  # (first, last) sublayer range -> v_0, a raw output or a summary
+        self._store((0, 0), _as_source(v0))
 
     def aggregate(self, l, shift, scale, final=False):
         """h_{l+1} (h_final when final): the input of the consumer after the l sublayer outputs written so far."""
@@ -323,7 +339,7 @@ class DARRoute(Route):
                 summary = self.stored.pop((first, first))
                 for i in range(first + 1, last + 1):
                     summary = summary + self.stored.pop((i, i))  # c_n = sum of the v_i in chunk n
-                self.stored[(first, last)] = summary
+                self._store((first, last), summary)
         sources = [self.stored[r] for r in ranges]
         if consumer == 1:
             self.record_alpha(torch.ones(*sources[0].shape[:-1], 1, dtype=sources[0].dtype, device=sources[0].device))
@@ -332,19 +348,27 @@ class DARRoute(Route):
         query = mixer.make_query(sources, shift, scale, self.t_emb)
         if self.query_multiplier is not None:
             query = query * self.query_multiplier
-        h, alpha = mix_sources(sources, query, mixer.gain, self.kernel, need_alpha=self.trace is not None)
+        gradient_sums = None if self.gradient_sums is None else [self.gradient_sums[r] for r in ranges]
+        h, alpha = mix_sources(sources, query, mixer.gain, self.kernel, need_alpha=self.trace is not None,
+                               gradient_sums=gradient_sums)
         self.record_alpha(alpha)
         return h
 
     def add(self, v):
-        self.stored[(self.written + 1, self.written + 1)] = v
+        self._store((self.written + 1, self.written + 1), v)
+
+    def _store(self, key, source):
+        if self.gradient_sums is not None:
+            self.gradient_sums[key] = SourceGradient()
+            source = self.gradient_sums[key].collect(source)
+        self.stored[key] = source
 
 
 #################################################################################
 #             dar: Eq. 5 by a compiled C++ kernel, the custom op dar::mix         #
 #################################################################################
 
-def cpu_dar_mix(sources, query, gain, eps=RMS_EPS):
+def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
     """Eq. 5 for one consumer, as dar_mix (same arguments and results), by the C++ kernel of router_cpu.cpp.
 
     dar_mix leaves autograd to record about ten ops on [B, T, d] tensors per source, each a pass over
@@ -354,15 +378,93 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS):
     in router_cpu.cpp) work on them in cache. It is the custom op dar::mix with its autograd registered, so
     that torch.compile captures a whole DAR model and calls it as it is. bf16/fp16 sources are read as they
     are and accumulated in float32. The kernel is compiled the first time it is needed (cpu_kernel_available).
+
+    gradient_sums: None, or one SourceGradient per source, each the `collect` of its source. The backward then
+    adds dL/ds_i into gradient_sums[i] instead of returning it (eager mode only: dar::mix_backward_into).
     """
     if not cpu_kernel_available():
         raise RuntimeError("kernel 'cpu' needs router_cpu.cpp compiled (a C++ compiler and ninja); "
                            "use kernel 'torch' or 'auto'")
     dtype = _mix_dtype(sources, query, gain)
-    if dtype == torch.float64 or any(s.dtype != sources[0].dtype for s in sources):
-        sources = [s.to(dtype) for s in sources]  # the kernel accumulates in float64 for float64 sources only
-    h, alpha, _, _ = torch.ops.dar.mix([s.contiguous() for s in sources], query, gain, eps)
+    source_dtype = dtype if dtype == torch.float64 else sources[0].dtype  # float64 accumulation: float64 sources
+    if any(s.dtype != source_dtype for s in sources):
+        sources, gradient_sums = [s.to(dtype) for s in sources], None  # converted: not the sources the sums are of
+    sources = [s.contiguous() for s in sources]
+    if gradient_sums is not None and torch.is_grad_enabled():
+        h, alpha = _MixIntoGradientSums.apply(eps, gradient_sums, query, gain, *sources)
+    else:
+        h, alpha, _, _ = torch.ops.dar.mix(sources, query, gain, eps)
     return h, alpha.permute(1, 2, 0)  # [N, B, T] -> dar_mix's [B, T, N]
+
+
+class SourceGradient:
+    """dL/ds of one source s, added up by the C++ kernel's backward over the consumers that read s.
+
+    Autograd would receive one gradient tensor per (consumer, source) pair and add them up, a pass over
+    memory for each; here each consumer's backward adds its term into one buffer per source, as it computes
+    it, and `collect(s)`, the s the consumers read, hands the total to autograd once. A total belongs to one
+    backward pass (autograd's graph task): a pass that stopped short of s (torch.autograd.grad of an
+    intermediate tensor, retain_graph) leaves nothing for the next pass to add to."""
+
+    def __init__(self):
+        self.total = None
+        self.graph_task = None
+
+    def collect(self, source):
+        return _HandOnGradientSum.apply(self, source)
+
+    def buffer_like(self, source):
+        """(buffer, accumulate): the total to add a consumer's dL/ds to, or a fresh one to write it into."""
+        graph_task = torch._C._current_graph_task_id()
+        if self.total is not None and self.graph_task == graph_task:
+            return self.total, True
+        self.total, self.graph_task = torch.empty_like(source), graph_task
+        return self.total, False
+
+    def take(self):
+        total = self.total if self.graph_task == torch._C._current_graph_task_id() else None
+        self.total = None
+        return total
+
+
+class _HandOnGradientSum(torch.autograd.Function):
+    """s itself forward; backward, dL/ds: the SourceGradient's total, plus what reached s through autograd (a
+    raw output read also through its chunk's summary)."""
+
+    @staticmethod
+    def forward(ctx, gradient_sum, source):
+        ctx.set_materialize_grads(False)  # the consumers' backward returns no gradient for s: None, not zeros
+        ctx.gradient_sum = gradient_sum
+        return source.view_as(source)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        total = ctx.gradient_sum.take()
+        if grad is None or total is None:
+            return None, total if grad is None else grad
+        return None, grad + total
+
+
+class _MixIntoGradientSums(torch.autograd.Function):
+    """dar::mix forward; backward, dar::mix_backward_into: dL/ds_i into the sources' SourceGradients."""
+
+    @staticmethod
+    def forward(ctx, eps, gradient_sums, query, gain, *sources):
+        h, alpha, logits, inv_rms = torch.ops.dar.mix(list(sources), query, gain, eps)
+        ctx.save_for_backward(query, gain, h, alpha, logits, inv_rms, *sources)
+        ctx.gradient_sums = gradient_sums
+        ctx.mark_non_differentiable(alpha)
+        return h, alpha
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, _):
+        query, gain, h, alpha, logits, inv_rms, *sources = ctx.saved_tensors
+        buffers, accumulate = zip(*(total.buffer_like(s) for total, s in zip(ctx.gradient_sums, sources)))
+        grad_query, grad_gain = torch.ops.dar.mix_backward_into(sources, query, gain, h, alpha, logits, inv_rms,
+                                                                grad_h, list(buffers), list(accumulate))
+        return None, None, grad_query, grad_gain, *(None for _ in sources)
 
 
 _cpu_kernel_loaded = {}  # {"ok": bool} once router_cpu.cpp has been loaded, or has failed to build

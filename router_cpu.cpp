@@ -2,8 +2,10 @@
 //
 // Not run directly: router.py compiles this file with PyTorch's C++ extension loader the first time kernel
 // "cpu" (the default on CPU) is needed (a C++ compiler and ninja; the build is cached per machine), which
-// defines the ops dar::mix and dar::mix_backward below; router.py registers their autograd and shapes, and
-// router.cpu_dar_mix calls dar::mix. The readable reference of the same numbers is router.dar_mix.
+// defines the ops dar::mix, dar::mix_backward and dar::mix_backward_into below; router.py registers the autograd
+// and shapes of the first two (what torch.compile sees), and router.cpu_dar_mix calls dar::mix. In eager training
+// the backward is dar::mix_backward_into, which adds each dL/ds_i into one buffer per source (router.SourceGradient)
+// instead of returning a fresh tensor for autograd to add up. The readable reference is router.dar_mix.
 //
 // Why C++: eager PyTorch computes Eq. 5 as about ten passes over memory per (consumer, source) pair, each
 // allocating a temporary; on a CPU that traffic is what DAR costs. Here each token's d features of every
@@ -122,8 +124,8 @@ void mix_forward(const std::vector<at::Tensor>& sources, const at::Tensor& query
 template <typename scalar_t>
 void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& query_gain, const at::Tensor& h,
                   const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
-                  const at::Tensor& grad_h, std::vector<at::Tensor>& grad_sources, at::Tensor& grad_query_gain,
-                  int64_t blocks) {
+                  const at::Tensor& grad_h, const std::vector<at::Tensor>& grad_sources,
+                  const std::vector<char>& accumulate, at::Tensor& grad_query_gain, int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const auto src = source_pointers<scalar_t>(sources);
@@ -165,11 +167,20 @@ void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& quer
           const acc_t c = dz * ri * scale;
           const acc_t rms_term = dz * z[i * tokens + token] * ri * ri / d;
           scalar_t* gs = grad_src[i] + token * d;
+          if (accumulate[i]) {
 #pragma omp simd
-          for (int64_t k = 0; k < d; ++k) {
-            const acc_t v = s[k];
-            gs[k] = scalar_t(ai * dh[k] + c * q[k] - rms_term * v);
-            gq[k] += c * v;
+            for (int64_t k = 0; k < d; ++k) {
+              const acc_t v = s[k];
+              gs[k] = scalar_t(acc_t(gs[k]) + ai * dh[k] + c * q[k] - rms_term * v);
+              gq[k] += c * v;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) {
+              const acc_t v = s[k];
+              gs[k] = scalar_t(ai * dh[k] + c * q[k] - rms_term * v);
+              gq[k] += c * v;
+            }
           }
         }
       }
@@ -222,15 +233,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector
   return {h, alpha, logits, inv_rms};
 }
 
-// (dL/ds_i for every source, dL/dq, dL/dg): dq = g dL/d(q g) and dg = q dL/d(q g), summed over the tokens
-// (static) or the batch and tokens (timestep, dynamic) that share the gain.
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mix_backward_op(
+// dL/dq and dL/dg, with dL/ds_i written into grad_sources[i] (added to it where accumulate[i]): dq = g dL/d(q g)
+// and dg = q dL/d(q g), summed over the tokens (static) or the batch and tokens (timestep, dynamic) that share them.
+std::tuple<at::Tensor, at::Tensor> mix_backward_into(
     const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
-    const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h) {
+    const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h,
+    const std::vector<at::Tensor>& grad_sources, const c10::List<bool>& accumulate_flags) {
+  const std::vector<char> accumulate(accumulate_flags.begin(), accumulate_flags.end());
   check_sources(sources);
+  check_sources(grad_sources);
+  TORCH_CHECK(grad_sources.size() == sources.size() && accumulate.size() == sources.size() &&
+                  grad_sources[0].sizes() == sources[0].sizes() &&
+                  grad_sources[0].scalar_type() == sources[0].scalar_type(),
+              "dar::mix_backward_into: one gradient buffer like each source, and one accumulate flag each");
   const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(sources[0]));
-  std::vector<at::Tensor> grad_sources;
-  for (const auto& s : sources) grad_sources.push_back(at::empty_like(s));
   const int64_t tokens = sources[0].size(0) * sources[0].size(1);
   // a dynamic query [B, T, d]: no two tokens share a row of dL/d(q g)
   const bool per_token = query_gain.size(0) == sources[0].size(0) && query_gain.size(1) == sources[0].size(1);
@@ -241,12 +257,25 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mix_backward_op(
                              query_gain.options());
   const auto dh = grad_h.to(query_gain.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
-    mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, per_block,
-                           blocks);
+    mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, accumulate,
+                           per_block, blocks);
   });
   const auto grad_query_gain = per_block.sum(0).reshape(query.sizes());
   const auto grad_query = (grad_query_gain * gain).to(query.scalar_type());
   const auto grad_gain = (grad_query_gain * query).reshape({-1, gain.size(0)}).sum(0).to(gain.scalar_type());
+  return {grad_query, grad_gain};
+}
+
+// (dL/ds_i for every source, dL/dq, dL/dg) in fresh tensors: the functional op that autograd and torch.compile see.
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mix_backward_op(
+    const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
+    const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h) {
+  std::vector<at::Tensor> grad_sources;
+  for (const auto& s : sources) grad_sources.push_back(at::empty_like(s));
+  c10::List<bool> overwrite;
+  for (size_t i = 0; i < sources.size(); ++i) overwrite.push_back(false);
+  auto [grad_query, grad_gain] = mix_backward_into(sources, query, gain, h, alpha, logits, inv_rms, grad_h,
+                                                   grad_sources, overwrite);
   return {grad_sources, grad_query, grad_gain};
 }
 
@@ -256,9 +285,12 @@ TORCH_LIBRARY_FRAGMENT(dar, m) {
   m.def("mix(Tensor[] sources, Tensor query, Tensor gain, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mix_backward(Tensor[] sources, Tensor query, Tensor gain, Tensor h, Tensor alpha, Tensor logits, "
         "Tensor inv_rms, Tensor grad_h) -> (Tensor[], Tensor, Tensor)");
+  m.def("mix_backward_into(Tensor[] sources, Tensor query, Tensor gain, Tensor h, Tensor alpha, Tensor logits, "
+        "Tensor inv_rms, Tensor grad_h, Tensor(a!)[] grad_sources, bool[] accumulate) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dar, CPU, m) {
   m.impl("mix", &mix);
   m.impl("mix_backward", &mix_backward_op);
+  m.impl("mix_backward_into", &mix_backward_into);
 }

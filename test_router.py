@@ -515,16 +515,50 @@ def test_the_kernel_build_follows_the_cpu_vector_capability(monkeypatch):
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
     """Whole models (every sublayer and the final aggregator): the same output and parameter gradients."""
     models = {kernel: perturb(tiny("dar", query, chunk, kernel=kernel)) for kernel in ("torch", "cpu")}
-    calls = []
-    monkeypatch.setattr(router, "cpu_dar_mix", lambda *args: calls.append(1) or cpu_dar_mix(*args))
+    summed = []  # per call: does the kernel add the source gradients up itself (SourceGradient)?
+    monkeypatch.setattr(router, "cpu_dar_mix", lambda *args, gradient_sums=None: summed.append(
+        gradient_sums is not None) or cpu_dar_mix(*args, gradient_sums=gradient_sums))
     x, t, y = batch()
     outputs = {}
     for kernel, model in models.items():
         torch.manual_seed(0)  # the label dropout
         outputs[kernel] = model(x, t, y)
         F.mse_loss(outputs[kernel], x).backward()
-    assert len(calls) == 2 * DEPTH  # consumers 2..2L+1: sublayer 1 reads v_0 alone
+    assert summed == [True] * (2 * DEPTH)  # consumers 2..2L+1: sublayer 1 reads v_0 alone
     torch.testing.assert_close(outputs["cpu"], outputs["torch"], rtol=0, atol=1e-12)
+    for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_the_kernel_adds_up_each_source_gradient_in_one_buffer(chunk, monkeypatch):
+    """Eager training with the C++ kernel: each consumer's backward writes (the first) or adds (the others) its
+    dL/ds_i into the source's one buffer, so autograd adds no gradients per (consumer, source) pair."""
+    model = perturb(tiny("dar", "static", chunk, kernel="cpu"))
+    flags = {}  # SourceGradient -> the accumulate flag of each consumer's backward, in order
+    buffer_like = router.SourceGradient.buffer_like
+    monkeypatch.setattr(router.SourceGradient, "buffer_like", lambda self, source: flags.setdefault(self, []).append(
+        buffer_like(self, source)[1]) or (self.total, flags[self][-1]))
+    trace = Trace()
+    x, t, y = batch()
+    F.mse_loss(model(x, t, y, trace=trace), x).backward()
+    readers = [a.shape[-1] for a in trace.alpha[1:]]  # the sources of consumers 2..2L+1
+    assert sum(len(f) for f in flags.values()) == sum(readers)
+    assert all(f == [False] + [True] * (len(f) - 1) for f in flags.values())
+    assert all(total.total is None for total in flags)  # every total handed to autograd, none kept
+
+
+def test_a_backward_pass_that_stops_short_leaves_no_gradient_sum_behind():
+    """torch.autograd.grad of an intermediate h with retain_graph runs only the consumers after h: the sums it
+    leaves in the sources before h must not be added to by the next backward pass."""
+    models = {kernel: perturb(tiny("dar", "static", 2, kernel=kernel)) for kernel in ("torch", "cpu")}
+    x, t, y = batch()
+    for model in models.values():
+        trace = Trace()
+        loss = F.mse_loss(model(x, t, y, trace=trace), x)
+        torch.autograd.grad(loss, trace.hidden[1], retain_graph=True)
+        loss.backward()
     for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
         if p_ref.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
