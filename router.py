@@ -213,21 +213,23 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True, gradient_s
     router_cpu.cpp as a custom op, below), "triton" the fused kernel of router_triton (imported only here, so
     that the rest of the project never needs triton), "auto" the fused kernel for CUDA sources and cpu_dar_mix
     elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when need_alpha is False.
-    gradient_sums (one SourceGradient per source, or None) reach the C++ kernel only: see cpu_dar_mix."""
+    gradient_sums: one SourceGradient per source, or None; dar_mix ignores them (see cpu_dar_mix)."""
     kernel = chosen_kernel(kernel, sources[0])
     if kernel == "torch":
         return dar_mix(sources, query, gain)
     if kernel == "cpu":
         return cpu_dar_mix(sources, query, gain, gradient_sums=gradient_sums)
     from router_triton import fused_dar_mix
-    return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha)
+    return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha, gradient_sums=gradient_sums)
 
 
 def chosen_kernel(kernel, source):
     """The kernel that computes Eq. 5 for sources like `source`: kernel itself, unless it is "auto"."""
-    if kernel == "auto" and not source.is_cuda:
-        return "cpu" if source.is_cpu and cpu_kernel_available() else "torch"
-    return kernel
+    if kernel != "auto":
+        return kernel
+    if source.is_cuda:
+        return "triton"
+    return "cpu" if source.is_cpu and cpu_kernel_available() else "torch"
 
 
 def _mix_dtype(sources, query, gain):
@@ -312,9 +314,9 @@ class DARRoute(Route):
     reads stays referenced: v_0, the summaries of finished chunks, and the raw outputs of the chunk being
     filled (at most 1 + M + S tensors); a raw output is dropped once its chunk is summarized.
 
-    In eager training with the C++ kernel every source also has a SourceGradient: the kernel's backward adds
-    each consumer's dL/ds_i into it, and autograd receives one gradient per source instead of one per
-    (consumer, source) pair to add up."""
+    In eager training with a fast kernel (C++ or Triton) every source also has a SourceGradient: the kernel's
+    backward adds each consumer's dL/ds_i into it, and autograd receives one gradient per source instead of one
+    per (consumer, source) pair to add up."""
 
     def __init__(self, router, v0, t_emb, trace, keep_hidden):
         super().__init__(router.depth, trace, keep_hidden)
@@ -324,8 +326,9 @@ class DARRoute(Route):
         self.query_multiplier = router.query_multiplier
         self.t_emb = t_emb
         # torch.compile traces the functional custom ops instead (their autograd returns every gradient)
+        kernel = chosen_kernel(router.kernel, v0)
         sums_gradients = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                          and chosen_kernel(router.kernel, v0) == "cpu" and cpu_kernel_available())
+                          and (kernel == "triton" or kernel == "cpu" and cpu_kernel_available()))
         self.gradient_sums = {} if sums_gradients else None  # (first, last) -> SourceGradient
         self.stored = {}  # (first, last) sublayer range -> v_0, a raw output or a summary
         self._store((0, 0), _as_source(v0))
@@ -398,7 +401,7 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
 
 
 class SourceGradient:
-    """dL/ds of one source s, added up by the C++ kernel's backward over the consumers that read s.
+    """dL/ds of one source s, summed over its consumers by the backward of the fast kernels (C++, Triton).
 
     Autograd would receive one gradient tensor per (consumer, source) pair and add them up, a pass over
     memory for each; here each consumer's backward adds its term into one buffer per source, as it computes

@@ -28,7 +28,9 @@ Memory, per consumer (B samples, T tokens, width d, N sources):
     [B, T, d] temporaries per source, which the kernel keeps in registers. bench.py --op router measures both.
   * The backward allocates only the N source gradients it returns (one tensor each, so that each is freed
     as soon as autograd has used it) plus per-block partial sums [B, blocks, d] for the query and the gain;
-    no [N, tokens, d] intermediate.
+    no [N, tokens, d] intermediate. In eager training the router gives it one buffer per source instead
+    (router.SourceGradient), and the kernel adds each source's gradient into it: autograd then receives one
+    gradient per source and launches no additions of its own.
 Precision: bf16/fp16 inputs are accumulated in float32, float64 stays float64; h, alpha and lse come out in
 that accumulation dtype, as dar_mix's do. bf16 sources stay bf16, also in what is saved for the backward: the
 router hands over every source in one dtype (under autocast it casts v_0, the only float32 one, once per
@@ -101,7 +103,8 @@ def _mix_backward_kernel(
     out, grad_out, lse,
     grad_query, grad_gain_partial,
     tokens, dim, eps,
-    PER_TOKEN_QUERY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    PER_TOKEN_QUERY: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     acc_dtype = lse.dtype.element_ty
     block = tl.program_id(0)
@@ -138,6 +141,9 @@ def _mix_backward_kernel(
         c = grad_logit * inv_rms * inv_sqrt_dim
         grad_s = (alpha[:, None] * dh + c[:, None] * query_gain
                   - (c * qg_dot_s * inv_rms * inv_rms / dim)[:, None] * s)
+        if ACCUMULATE:  # the table's second half: 1 where grad_s is added to what the buffer holds
+            if tl.load(grad_offsets + num_sources + i) != 0:
+                grad_s += tl.load(grad_base + grad_shift + offsets, mask=mask, other=0.0).to(acc_dtype)
         tl.store(grad_base + grad_shift + offsets, grad_s, mask=mask)
         grad_query_gain += c[:, None] * s
     partial = (sample * tl.num_programs(0) + block) * dim + cols
@@ -148,7 +154,7 @@ def _mix_backward_kernel(
         tl.store(grad_query + partial, tl.sum(grad_query_gain, axis=0), mask=col_ok)
 
 
-def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=None):
+def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=None, gradient_sums=None):
     """Eq. 5 for one consumer, as router.dar_mix: returns h [B, T, d] and alpha [B, T, N] (None unless
     return_alpha). sources: list of N tensors [B, T, d]; query: [d] (static), [B, 1, d] (one per sample,
     the timestep query) or [B, T, d] (dynamic); gain: [d]; eps: the RMSNorm's. alpha is not differentiable
@@ -157,14 +163,21 @@ def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=Non
     Under torch.compile it calls the custom op dar::fused_mix, which carries its autograd, so the compiled graph
     has no break; in eager mode the same two functions run through a plain autograd.Function, because the custom
     op's dispatch costs the host about 0.2 ms per consumer, which a GPU step at SiT's batch of 32 per GPU waits
-    for (docs/kernel.md)."""
+    for (docs/kernel.md). gradient_sums: None, or one router.SourceGradient per source (each the `collect` of its
+    source): the backward then adds each source's gradient into its SourceGradient instead of returning it
+    (eager mode, sources of one dtype)."""
     _check_inputs(sources, query, gain)
     dtype = sources[0].dtype
     for s in sources[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
-    sources = [s.to(dtype).contiguous() for s in sources]  # a no-op for the router's own sources
+    if any(s.dtype != dtype for s in sources):
+        sources, gradient_sums = [s.to(dtype) for s in sources], None  # converted: not the sources the sums are of
+    sources = [s.contiguous() for s in sources]  # a no-op for the router's own sources
     if torch.compiler.is_compiling():
         h, _, alpha = torch.ops.dar.fused_mix(sources, query, gain, eps, return_alpha, block_tokens)
+    elif gradient_sums is not None and torch.is_grad_enabled():
+        h, _, alpha = _FusedMixIntoGradientSums.apply(eps, return_alpha, block_tokens, gradient_sums, query, gain,
+                                                      *sources)
     else:
         h, _, alpha = _FusedMix.apply(eps, return_alpha, block_tokens, query, gain, *sources)
     return h, (alpha if return_alpha else None)
@@ -189,20 +202,21 @@ def mix_forward(sources, query, gain, eps, out, lse, logits=None, block_tokens=N
 
 
 def mix_backward(sources, query, gain, eps, out, lse, grad_out, grad_sources, grad_query, grad_gain_partial,
-                 block_tokens=None):
-    """Launch the backward kernel: writes grad_sources (one tensor per source), grad_query ([B, T, d] for a
-    per-token query, else per-block partial sums [B, blocks, d] of dLoss/d(q * g)) and grad_gain_partial
-    [B, blocks, d] (per-block sums of dLoss/d(q * g) * q)."""
+                 block_tokens=None, accumulate=None):
+    """Launch the backward kernel: writes grad_sources (one tensor per source; added to grad_sources[i] where
+    accumulate[i] is true), grad_query ([B, T, d] for a per-token query, else per-block partial sums
+    [B, blocks, d] of dLoss/d(q * g)) and grad_gain_partial [B, blocks, d] (per-block sums of dLoss/d(q * g) * q)."""
     batch, tokens, dim = sources[0].shape
     base, offsets, aligned = _offset_table(sources)
-    grad_base, grad_offsets, grad_aligned = _offset_table(grad_sources)
+    grad_base, grad_offsets, grad_aligned = _offset_table(grad_sources, accumulate)
     query, stride_b, stride_t = _query_strides(query, batch, tokens)
     block_t, block_d, num_warps = _blocks(tokens, dim, block_tokens)
     grid = (triton.cdiv(tokens, block_t), batch)
     _mix_backward_kernel[grid](
         base, offsets, grad_base, grad_offsets, len(sources), query, stride_b, stride_t, gain,
         out, grad_out, lse, grad_query, grad_gain_partial, tokens, dim, eps,
-        PER_TOKEN_QUERY=is_per_token(query, tokens), ALIGNED=aligned and grad_aligned,
+        PER_TOKEN_QUERY=is_per_token(query, tokens), ACCUMULATE=accumulate is not None and any(accumulate),
+        ALIGNED=aligned and grad_aligned,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
 
 
@@ -232,16 +246,17 @@ def _mix_outputs(sources, query, gain, store_alpha):
     return out, lse, alpha
 
 
-def _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens):
-    """(the gradient of every source, of the query, of the gain)."""
+def _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens, into=None):
+    """(the gradient of every source, of the query, of the gain); into: None, or (buffers, accumulate), the
+    tensors to write (accumulate[i] false) or add (true) the source gradients to, which are then returned."""
     batch, tokens, dim = sources[0].shape
     blocks = num_token_blocks(tokens, dim, block_tokens)
-    grad_sources = [torch.empty_like(s) for s in sources]
+    grad_sources, accumulate = into if into is not None else ([torch.empty_like(s) for s in sources], None)
     grad_gain_partial = lse.new_empty((batch, blocks, dim))
     per_token = is_per_token(query, tokens)
     grad_query = torch.empty_like(query) if per_token else lse.new_empty((batch, blocks, dim))
     mix_backward(sources, query, gain, eps, out, lse, grad_out.contiguous(), grad_sources, grad_query,
-                 grad_gain_partial, block_tokens)
+                 grad_gain_partial, block_tokens, accumulate)
     if not per_token:  # dq = g * sum over the tokens that share the query of dLoss/d(q * g)
         per_sample = grad_query.sum(dim=1, keepdim=True)
         grad_query = (per_sample.sum(dim=0).flatten() if query.dim() == 1 else per_sample) * gain
@@ -264,6 +279,26 @@ class _FusedMix(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         grad_sources, grad_query, grad_gain = _saved_gradients(ctx, grad_out, _mix_gradients)
         return None, None, None, grad_query, grad_gain, *grad_sources
+
+
+class _FusedMixIntoGradientSums(torch.autograd.Function):
+    """As _FusedMix, but the backward adds each source's gradient into its router.SourceGradient."""
+
+    @staticmethod
+    def forward(ctx, eps, store_alpha, block_tokens, gradient_sums, query, gain, *sources):
+        output = _mix(sources, query, gain, eps, store_alpha, block_tokens)
+        _save_for_fused_backward(ctx, (sources, query, gain, eps, store_alpha, block_tokens), output)
+        ctx.gradient_sums = gradient_sums
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, *_):
+        def gradients_into_sums(sources, *arguments):
+            buffers, accumulate = zip(*(total.buffer_like(s) for total, s in zip(ctx.gradient_sums, sources)))
+            return _mix_gradients(sources, *arguments, into=(list(buffers), list(accumulate)))
+        _, grad_query, grad_gain = _saved_gradients(ctx, grad_out, gradients_into_sums)
+        return None, None, None, None, grad_query, grad_gain, *(None for _ in ctx.gradient_sums)
 
 
 @torch.library.custom_op("dar::fused_mix", mutates_args=())
@@ -334,9 +369,10 @@ def _check_inputs(sources, query, gain):
                            "kernel='torch'")
 
 
-def _offset_table(tensors):
-    """The first tensor, the element offsets of all of them from it (int64, on their device), and whether
-    every offset is a multiple of 16 elements (lets the compiler vectorize the loads)."""
+def _offset_table(tensors, flags=None):
+    """The first tensor, the element offsets of all of them from it (int64, on their device; followed by the
+    flags as 0 or 1 when given: one copy to the GPU for both), and whether every offset is a multiple of 16
+    elements (lets the compiler vectorize the loads)."""
     base = tensors[0]
     item = base.element_size()
     distances = [t.data_ptr() - base.data_ptr() for t in tensors]
@@ -344,7 +380,7 @@ def _offset_table(tensors):
         raise ValueError("fused_dar_mix: source addresses are not aligned to their element size")
     offsets = [distance // item for distance in distances]
     aligned = all(offset % 16 == 0 for offset in offsets) and base.shape[-1] % 16 == 0
-    table = torch.tensor(offsets, dtype=torch.int64)
+    table = torch.tensor(offsets + [int(flag) for flag in flags or ()], dtype=torch.int64)
     if base.is_cuda:  # from pinned memory the copy is asynchronous: no wait for the GPU at every consumer
         table = table.pin_memory().to(base.device, non_blocking=True)
     return base, table, aligned

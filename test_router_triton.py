@@ -137,6 +137,25 @@ def test_kernels_write_every_output_element_and_nothing_else(kind):
     assert_all_written_and_nothing_else(buffer, [grad_query, grad_gain_partial, *grad_sources])
 
 
+def test_backward_adds_the_source_gradients_where_told_and_writes_the_others():
+    """With accumulate flags (the router's SourceGradient buffers), grad_sources[i] becomes what it held plus
+    dL/ds_i where the flag is set, and dL/ds_i alone where it is not (the buffer's old contents ignored)."""
+    n, batch, tokens, dim, block_tokens = 4, 2, 37, 96, 16
+    (query, gain, *sources), grad_h = make_inputs(n, batch, tokens, dim, "static", torch.float64)
+    h_ref, _ = dar_mix(sources, query, gain)
+    grads_ref = torch.autograd.grad(h_ref, sources, grad_h)
+    held = [torch.randn_like(s) for s in sources]
+    accumulate = [True, False, True, False]
+    buffers = [h.clone() if add else torch.full_like(h, float("nan")) for h, add in zip(held, accumulate)]
+    sources, query, gain = [s.detach() for s in sources], query.detach(), gain.detach()
+    h, lse, _ = router_triton._mix(sources, query, gain, RMS_EPS, False, block_tokens)
+    returned, _, _ = router_triton._mix_gradients(sources, query, gain, h, lse, grad_h, RMS_EPS, block_tokens,
+                                                  into=(buffers, accumulate))
+    assert all(r is b for r, b in zip(returned, buffers))
+    for buffer, before, grad_ref, add in zip(buffers, held, grads_ref, accumulate):
+        assert_close(buffer, before + grad_ref if add else grad_ref, 1e-10)
+
+
 def tiny_dar_model(query, chunk, kernel):
     """A 3-block float64 DAR SiT whose parameters are all perturbed away from their (partly zero) init."""
     torch.manual_seed(0)
@@ -164,13 +183,13 @@ def flow_matching_loss(model, seed=1):
 def test_training_step_matches_torch_kernel(chunk, query, monkeypatch):
     reference = tiny_dar_model(query, chunk, "torch")
     fused = tiny_dar_model(query, chunk, "triton")
-    calls = []
-    monkeypatch.setattr(router_triton, "fused_dar_mix",
-                        lambda *args, **kwargs: calls.append(1) or fused_dar_mix(*args, **kwargs))
+    summed = []  # per call: does the kernel add the source gradients up itself (router.SourceGradient)?
+    monkeypatch.setattr(router_triton, "fused_dar_mix", lambda *args, gradient_sums=None, **kwargs: summed.append(
+        gradient_sums is not None) or fused_dar_mix(*args, gradient_sums=gradient_sums, **kwargs))
     loss_ref, loss = flow_matching_loss(reference), flow_matching_loss(fused)
     loss_ref.backward()
     loss.backward()
-    assert len(calls) == 2 * 3  # sublayers 2..2L and the final aggregator went through the kernel (sublayer 1 reads v_0)
+    assert summed == [True] * (2 * 3)  # sublayers 2..2L and the final aggregator (sublayer 1 reads v_0 alone)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
     reference_grads = dict(reference.named_parameters())
     for name, parameter in fused.named_parameters():
