@@ -51,7 +51,7 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
 #endif
 }
 
-// The query q g of a token: [1, 1, d] (static), [B, 1, d] (timestep) or [B, T, d] (dynamic) in memory.
+// The query of a token in memory: q g [1, 1, d] (static) or [B, 1, d] (timestep), or q [B, T, d] (dynamic).
 template <typename acc_t>
 struct Query {
   const acc_t* data;
@@ -68,6 +68,25 @@ Query<acc_t> query_of(const at::Tensor& query_gain, int64_t tokens) {
           query_gain.size(1) == 1 ? 0 : d, tokens};
 }
 
+// q g of one token: the stored row, or for a per-token query (gain not null) q * g, written into `row`.
+template <typename acc_t>
+inline const acc_t* query_gain_row(const acc_t* q, const acc_t* gain, acc_t* row, int64_t d) {
+  if (gain == nullptr) return q;
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) row[k] = q[k] * gain[k];
+  return row;
+}
+
+// What the kernels read of the query and the gain. A query shared by many tokens (static [d], timestep
+// [B, 1, d]) is multiplied by the gain once, as a small tensor: query is q g and gain undefined. A per-token
+// query (dynamic [B, T, d]) is not: query is q, gain g, and the kernels multiply them one row at a time, which
+// spares two passes over a [B, T, d] tensor per call (and, backward, two more for dL/dq and dL/dg).
+struct QueryGain {
+  at::Tensor query;  // contiguous [1 or B, 1 or T, d], accumulation dtype
+  at::Tensor gain;   // [d], accumulation dtype, or undefined
+  bool per_token() const { return gain.defined(); }
+};
+
 template <typename scalar_t>
 std::vector<const scalar_t*> source_pointers(const std::vector<at::Tensor>& sources) {
   std::vector<const scalar_t*> pointers;
@@ -76,18 +95,20 @@ std::vector<const scalar_t*> source_pointers(const std::vector<at::Tensor>& sour
 }
 
 template <typename scalar_t>
-void mix_forward(const std::vector<at::Tensor>& sources, const at::Tensor& query_gain, double eps, at::Tensor& h,
+void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, double eps, at::Tensor& h,
                  at::Tensor& alpha, at::Tensor& logits, at::Tensor& inv_rms) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const auto src = source_pointers<scalar_t>(sources);
-  const auto query = query_of<acc_t>(query_gain, sources[0].size(1));
+  const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
+  const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
   acc_t* out = h.data_ptr<acc_t>();
   acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(gain == nullptr ? 0 : d);
     for (int64_t token = begin; token < end; ++token) {
-      const acc_t* q = query.at(token);
+      const acc_t* q = query_gain_row(query.at(token), gain, row.data(), d);
       acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* s = src[i] + token * d;
@@ -122,34 +143,42 @@ void mix_forward(const std::vector<at::Tensor>& sources, const at::Tensor& query
 }
 
 template <typename scalar_t>
-void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& query_gain, const at::Tensor& h,
+void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, const at::Tensor& h,
                   const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
                   const at::Tensor& grad_h, const std::vector<at::Tensor>& grad_sources,
-                  const std::vector<char>& accumulate, at::Tensor& grad_query_gain, int64_t blocks) {
+                  const std::vector<char>& accumulate, at::Tensor& grad_query_gain, at::Tensor& grad_query,
+                  at::Tensor& grad_gain, int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const auto src = source_pointers<scalar_t>(sources);
   std::vector<scalar_t*> grad_src;
   for (auto& g : grad_sources) grad_src.push_back(g.data_ptr<scalar_t>());
-  const auto query = query_of<acc_t>(query_gain, sources[0].size(1));
+  const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
+  const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
   // dL/d(q g) has the query's shape: a query shared by several tokens sums over them. The tokens are cut into
   // `blocks` blocks, one parallel task each, and each block sums into its own copy (grad_query_gain is
   // [blocks, *query shape]), which the caller adds; blocks, not thread ids, because the ids come from OpenMP
-  // and the thread count from torch. A per-token (dynamic) query shares nothing: one copy, each token writing
-  // its own row.
-  const auto grad_query = query_of<acc_t>(grad_query_gain[0], sources[0].size(1));
-  const int64_t block_stride = grad_query_gain.size(0) == 1 ? 0 : grad_query_gain.stride(0);
-  acc_t* grad_query_data = grad_query_gain.data_ptr<acc_t>();
+  // and the thread count from torch. A per-token (dynamic) query shares nothing: each token sums its row of
+  // dL/d(q g) in `row_grad` and turns it into its row of dL/dq = g dL/d(q g) (grad_query [B, T, d]) and its
+  // block's share of dL/dg = sum over tokens of q dL/d(q g) (grad_gain [blocks, d]); grad_query_gain is unused.
+  const auto grad_query_gain_rows = query_of<acc_t>(gain ? query_gain.query : grad_query_gain[0], sources[0].size(1));
+  const int64_t block_stride = gain || grad_query_gain.size(0) == 1 ? 0 : grad_query_gain.stride(0);
+  acc_t* grad_query_data = gain ? nullptr : grad_query_gain.data_ptr<acc_t>();
+  acc_t* grad_query_rows = gain ? grad_query.data_ptr<acc_t>() : nullptr;
+  acc_t* grad_gain_blocks = gain ? grad_gain.data_ptr<acc_t>() : nullptr;
   const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
   const acc_t *hs = h.data_ptr<acc_t>(), *dhs = grad_h.data_ptr<acc_t>();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    std::vector<acc_t> row(gain == nullptr ? 0 : d), row_grad(gain == nullptr ? 0 : d);
     for (int64_t block = first_block; block < end_block; ++block) {
       acc_t* block_grad = grad_query_data + block * block_stride;
       const int64_t block_end = (block + 1) * tokens / blocks;
       for (int64_t token = block * tokens / blocks; token < block_end; ++token) {
-        const acc_t *q = query.at(token), *dh = dhs + token * d, *ht = hs + token * d;
-        acc_t* gq = block_grad + (grad_query.at(token) - grad_query.data);
+        const acc_t *q = query_gain_row(query.at(token), gain, row.data(), d), *dh = dhs + token * d;
+        const acc_t* ht = hs + token * d;
+        acc_t* gq = gain ? row_grad.data() : block_grad + (grad_query_gain_rows.at(token) - grad_query_gain_rows.data);
+        if (gain) std::fill(row_grad.begin(), row_grad.end(), acc_t(0));
         acc_t delta = 0;
 #pragma omp simd reduction(+ : delta)
         for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
@@ -183,6 +212,15 @@ void mix_backward(const std::vector<at::Tensor>& sources, const at::Tensor& quer
             }
           }
         }
+        if (gain) {  // a per-token query: this token's dL/dq row and its share of dL/dg
+          const acc_t* q_raw = query.at(token);
+          acc_t *dq = grad_query_rows + token * d, *dg = grad_gain_blocks + block * d;
+#pragma omp simd
+          for (int64_t k = 0; k < d; ++k) {
+            dq[k] = gq[k] * gain[k];
+            dg[k] += gq[k] * q_raw[k];
+          }
+        }
       }
     }
   });
@@ -197,10 +235,10 @@ void check_sources(const std::vector<at::Tensor>& sources) {
   }
 }
 
-// q g as a contiguous [1 or B, 1 or T, d] tensor in the accumulation dtype, from a query [d], [B, 1, d] or
-// [B, T, d] and a gain [d] (a transient: the query and the gain are what the backward keeps).
-at::Tensor query_gain_of(const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain,
-                         at::ScalarType accumulation) {
+// The kernels' QueryGain, in the accumulation dtype, from a query [d], [1 or B, 1 or T, d] and a gain [d] (a
+// transient: the query and the gain are what the backward keeps). Per-token: a query [B, T, d] (dynamic).
+QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain,
+                        at::ScalarType accumulation) {
   const int64_t batch = sources[0].size(0), tokens = sources[0].size(1), d = sources[0].size(2);
   TORCH_CHECK(query.device().is_cpu() && gain.device().is_cpu(), "dar::mix: query and gain must be CPU tensors");
   TORCH_CHECK(gain.dim() == 1 && gain.size(0) == d, "dar::mix: gain must be [d], d = ", d);
@@ -208,9 +246,13 @@ at::Tensor query_gain_of(const std::vector<at::Tensor>& sources, const at::Tenso
                   (query.dim() == 3 && (query.size(0) == 1 || query.size(0) == batch) &&
                    (query.size(1) == 1 || query.size(1) == tokens) && query.size(2) == d),
               "dar::mix: query must be [d] or [1 or B, 1 or T, d] for sources [B, T, d] = ", sources[0].sizes());
-  return (query.to(accumulation) * gain.to(accumulation))
-      .reshape({query.dim() == 1 ? 1 : query.size(0), query.dim() == 1 ? 1 : query.size(1), d})
-      .contiguous();
+  if (query.dim() == 3 && query.size(0) == batch && query.size(1) == tokens) {
+    return {query.to(accumulation).contiguous(), gain.to(accumulation).contiguous()};
+  }
+  return {(query.to(accumulation) * gain.to(accumulation))
+              .reshape({query.dim() == 1 ? 1 : query.size(0), query.dim() == 1 ? 1 : query.size(1), d})
+              .contiguous(),
+          at::Tensor()};
 }
 
 at::ScalarType accumulation_type(const at::Tensor& source) {
@@ -223,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector
   check_sources(sources);
   const auto& first = sources[0];
   const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(first));
-  auto stats_options = first.options().dtype(query_gain.scalar_type());
+  auto stats_options = first.options().dtype(accumulation_type(first));
   auto h = at::empty(first.sizes(), stats_options);
   auto alpha = at::empty({static_cast<int64_t>(sources.size()), first.size(0), first.size(1)}, stats_options);
   auto logits = at::empty_like(alpha), inv_rms = at::empty_like(alpha);
@@ -247,19 +289,23 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_into(
                   grad_sources[0].scalar_type() == sources[0].scalar_type(),
               "dar::mix_backward_into: one gradient buffer like each source, and one accumulate flag each");
   const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(sources[0]));
-  const int64_t tokens = sources[0].size(0) * sources[0].size(1);
-  // a dynamic query [B, T, d]: no two tokens share a row of dL/d(q g)
-  const bool per_token = query_gain.size(0) == sources[0].size(0) && query_gain.size(1) == sources[0].size(1);
+  const auto& qg = query_gain.query;
+  const int64_t tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   // at least one block per thread, and short float sums: at most kTokensPerBlock terms before the blocks are added
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
       tokens, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
-  auto per_block = at::zeros({per_token ? 1 : blocks, query_gain.size(0), query_gain.size(1), query_gain.size(2)},
-                             query_gain.options());
-  const auto dh = grad_h.to(query_gain.scalar_type()).contiguous();
+  const bool per_token = query_gain.per_token();
+  auto per_block = per_token ? at::Tensor() : at::zeros({blocks, qg.size(0), qg.size(1), d}, qg.options());
+  auto grad_query_rows = per_token ? at::empty(qg.sizes(), qg.options()) : at::Tensor();
+  auto grad_gain_blocks = per_token ? at::zeros({blocks, d}, qg.options()) : at::Tensor();
+  const auto dh = grad_h.to(qg.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
     mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, accumulate,
-                           per_block, blocks);
+                           per_block, grad_query_rows, grad_gain_blocks, blocks);
   });
+  if (per_token) {
+    return {grad_query_rows.to(query.scalar_type()), grad_gain_blocks.sum(0).to(gain.scalar_type())};
+  }
   const auto grad_query_gain = per_block.sum(0).reshape(query.sizes());
   const auto grad_query = (grad_query_gain * gain).to(query.scalar_type());
   const auto grad_gain = (grad_query_gain * query).reshape({-1, gain.size(0)}).sum(0).to(gain.scalar_type());
