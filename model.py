@@ -77,14 +77,18 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """[B, C, H, W] -> [B, T, D] with T = (H / p) * (W / p), a strided convolution as in timm."""
+    """[B, C, H, W] -> [B, T, D] with T = (H / p) * (W / p), a strided convolution as in timm.
+
+    Token-major in memory, unlike timm's transposed view: every op on the stream after it (the residual adds,
+    LayerNorm, the linear layers) would otherwise follow the transposed layout and copy it, which cost a
+    residual SiT-D/4 training step on CPU about 7% (docs/kernel.md)."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 #################################################################################

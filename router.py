@@ -567,8 +567,9 @@ def _mix_gradients(ctx, grad_h, *_):
 
 def _as_source(v0):
     """v_0 in the layout and dtype of the other sources: one copy per forward pass instead of one per consumer.
-    The patch embedding hands it over transposed in memory, which every consumer would read against the grain,
-    and under autocast in float32 (the position embedding is) while every v_l is in the autocast dtype."""
+    Under autocast v_0 comes in float32 (the position embedding is) while every v_l is in the autocast dtype;
+    and a v_0 transposed in memory would be read against the grain by every consumer (SiT's patch embedding
+    hands it over so; model.PatchEmbed does not)."""
     device = v0.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v0.dtype
     return v0.contiguous().to(dtype)

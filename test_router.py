@@ -112,6 +112,16 @@ def test_residual_router_is_plain_sit():
     torch.testing.assert_close(model(x, t, y), reference_forward(model, x, t, y, residual_input), rtol=0, atol=1e-12)
 
 
+def test_the_stream_starts_token_major_in_memory():
+    """timm's patch embedding returns a transposed view, which every op of a residual stream would then follow
+    and copy; ours returns [B, T, D] contiguous (the same values)."""
+    model = tiny("residual")
+    x = batch()[0]
+    v0 = model.x_embedder(x)
+    assert v0.is_contiguous()
+    torch.testing.assert_close(v0, model.x_embedder.proj(x).flatten(2).transpose(1, 2), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
 @pytest.mark.parametrize("chunk", [1, 2, 4, 5, 6, 9])
 def test_dar_matches_naive_chunk_rule(query, chunk):
