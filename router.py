@@ -326,12 +326,12 @@ class DARRoute(Route):
         self.query_multiplier = router.query_multiplier
         self.t_emb = t_emb
         # torch.compile traces the functional custom ops instead (their autograd returns every gradient)
-        kernel = chosen_kernel(router.kernel, v0)
         sums_gradients = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                          and (kernel == "triton" or kernel == "cpu" and cpu_kernel_available()))
+                          and chosen_kernel(router.kernel, v0) in ("cpu", "triton"))
         self.gradient_sums = {} if sums_gradients else None  # (first, last) -> SourceGradient
         self.stored = {}  # (first, last) sublayer range -> v_0, a raw output or a summary
-        self._store((0, 0), _as_source(v0))
+        self.v0 = _as_source(v0)  # h_1, which is v_0 itself, not its `collect` (see _store)
+        self._store((0, 0), self.v0)
 
     def aggregate(self, l, shift, scale, final=False):
         """h_{l+1} (h_final when final): the input of the consumer after the l sublayer outputs written so far."""
@@ -339,19 +339,21 @@ class DARRoute(Route):
         ranges = chunk_sources(consumer, self.depth, self.chunk)
         for first, last in ranges:
             if (first, last) not in self.stored:  # chunk first..last has just finished
-                summary = self.stored.pop((first, first))
+                summary = self._take((first, first))
                 for i in range(first + 1, last + 1):
-                    summary = summary + self.stored.pop((i, i))  # c_n = sum of the v_i in chunk n
+                    summary = summary + self._take((i, i))  # c_n = sum of the v_i in chunk n
                 self._store((first, last), summary)
         sources = [self.stored[r] for r in ranges]
         if consumer == 1:
-            self.record_alpha(torch.ones(*sources[0].shape[:-1], 1, dtype=sources[0].dtype, device=sources[0].device))
-            return sources[0]  # h_1 = v_0: one source, alpha = 1
+            self.record_alpha(torch.ones(*self.v0.shape[:-1], 1, dtype=self.v0.dtype, device=self.v0.device))
+            return self.v0  # h_1 = v_0: one source, alpha = 1
         mixer = self.mixers[consumer - 2]
         query = mixer.make_query(sources, shift, scale, self.t_emb)
         if self.query_multiplier is not None:
             query = query * self.query_multiplier
-        gradient_sums = None if self.gradient_sums is None else [self.gradient_sums[r] for r in ranges]
+        gradient_sums = None  # the functional backward, also where a source needs no gradient (it has no sum)
+        if self.gradient_sums is not None and all(r in self.gradient_sums for r in ranges):
+            gradient_sums = [self.gradient_sums[r] for r in ranges]
         h, alpha = mix_sources(sources, query, mixer.gain, self.kernel, need_alpha=self.trace is not None,
                                gradient_sums=gradient_sums)
         self.record_alpha(alpha)
@@ -361,10 +363,19 @@ class DARRoute(Route):
         self._store((self.written + 1, self.written + 1), v)
 
     def _store(self, key, source):
-        if self.gradient_sums is not None:
+        """Keep a source; with gradient sums, as its SourceGradient's `collect`, which must not leave the route
+        (a gradient read at it would miss every consumer's share). A source that needs no gradient gets none:
+        its consumers use the functional backward."""
+        if self.gradient_sums is not None and source.requires_grad:
             self.gradient_sums[key] = SourceGradient()
             source = self.gradient_sums[key].collect(source)
         self.stored[key] = source
+
+    def _take(self, key):
+        """The raw output `key`, no longer kept: its chunk is being summarized."""
+        if self.gradient_sums is not None:
+            self.gradient_sums.pop(key, None)
+        return self.stored.pop(key)
 
 
 #################################################################################
@@ -382,8 +393,8 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
     that torch.compile captures a whole DAR model and calls it as it is. bf16/fp16 sources are read as they
     are and accumulated in float32. The kernel is compiled the first time it is needed (cpu_kernel_available).
 
-    gradient_sums: None, or one SourceGradient per source, each the `collect` of its source. The backward then
-    adds dL/ds_i into gradient_sums[i] instead of returning it (eager mode only: dar::mix_backward_into).
+    gradient_sums: None, or one SourceGradient per source, each source being its SourceGradient's `collect`. The
+    backward then adds dL/ds_i into gradient_sums[i] instead of returning it (eager mode: dar::mix_backward_into).
     """
     if not cpu_kernel_available():
         raise RuntimeError("kernel 'cpu' needs router_cpu.cpp compiled (a C++ compiler and ninja); "
@@ -393,7 +404,7 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
     if any(s.dtype != source_dtype for s in sources):
         sources, gradient_sums = [s.to(dtype) for s in sources], None  # converted: not the sources the sums are of
     sources = [s.contiguous() for s in sources]
-    if gradient_sums is not None and torch.is_grad_enabled():
+    if gradient_sums is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         h, alpha = _MixIntoGradientSums.apply(eps, gradient_sums, query, gain, *sources)
     else:
         h, alpha, _, _ = torch.ops.dar.mix(sources, query, gain, eps)
@@ -411,22 +422,24 @@ class SourceGradient:
 
     def __init__(self):
         self.total = None
-        self.graph_task = None
+        self.graph_task = None  # the backward pass whose terms `total` holds; None: nothing added yet
 
     def collect(self, source):
         return _HandOnGradientSum.apply(self, source)
 
-    def buffer_like(self, source):
-        """(buffer, accumulate): the total to add a consumer's dL/ds to, or a fresh one to write it into."""
+    def buffer_for(self, source):
+        """(buffer, accumulate): where a consumer's backward puts its dL/ds, and whether it adds to what the
+        buffer holds (an earlier consumer of this backward pass wrote it) or writes over it."""
+        if self.total is None:
+            self.total = torch.empty_like(source)
         graph_task = torch._C._current_graph_task_id()
-        if self.total is not None and self.graph_task == graph_task:
-            return self.total, True
-        self.total, self.graph_task = torch.empty_like(source), graph_task
-        return self.total, False
+        accumulate, self.graph_task = self.graph_task == graph_task, graph_task
+        return self.total, accumulate
 
     def take(self):
+        """The total of this backward pass (None if no consumer added to it), no longer kept."""
         total = self.total if self.graph_task == torch._C._current_graph_task_id() else None
-        self.total = None
+        self.total, self.graph_task = None, None
         return total
 
 
@@ -444,9 +457,11 @@ class _HandOnGradientSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         total = ctx.gradient_sum.take()
-        if grad is None or total is None:
-            return None, total if grad is None else grad
-        return None, grad + total
+        if total is None:
+            return None, grad
+        if grad is not None:
+            total.add_(grad)
+        return None, total
 
 
 class _MixIntoGradientSums(torch.autograd.Function):
@@ -464,7 +479,7 @@ class _MixIntoGradientSums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, _):
         query, gain, h, alpha, logits, inv_rms, *sources = ctx.saved_tensors
-        buffers, accumulate = zip(*(total.buffer_like(s) for total, s in zip(ctx.gradient_sums, sources)))
+        buffers, accumulate = zip(*(gradient_sum.buffer_for(s) for gradient_sum, s in zip(ctx.gradient_sums, sources)))
         grad_query, grad_gain = torch.ops.dar.mix_backward_into(sources, query, gain, h, alpha, logits, inv_rms,
                                                                 grad_h, list(buffers), list(accumulate))
         return None, None, grad_query, grad_gain, *(None for _ in sources)

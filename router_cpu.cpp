@@ -2,10 +2,11 @@
 //
 // Not run directly: router.py compiles this file with PyTorch's C++ extension loader the first time kernel
 // "cpu" (the default on CPU) is needed (a C++ compiler and ninja; the build is cached per machine), which
-// defines the ops dar::mix, dar::mix_backward and dar::mix_backward_into below; router.py registers the autograd
-// and shapes of the first two (what torch.compile sees), and router.cpu_dar_mix calls dar::mix. In eager training
-// the backward is dar::mix_backward_into, which adds each dL/ds_i into one buffer per source (router.SourceGradient)
-// instead of returning a fresh tensor for autograd to add up. The readable reference is router.dar_mix.
+// defines the ops dar::mix, dar::mix_backward and dar::mix_backward_into below; router.py registers the shapes of
+// the first two and dar::mix's autograd (what torch.compile sees), and router.cpu_dar_mix calls dar::mix. In eager
+// training the backward is dar::mix_backward_into, which adds each dL/ds_i into one buffer per source
+// (router.SourceGradient) instead of returning a fresh tensor for autograd to add up. The readable reference is
+// router.dar_mix.
 //
 // Why C++: eager PyTorch computes Eq. 5 as about ten passes over memory per (consumer, source) pair, each
 // allocating a temporary; on a CPU that traffic is what DAR costs. Here each token's d features of every
@@ -146,8 +147,8 @@ template <typename scalar_t>
 void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, const at::Tensor& h,
                   const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
                   const at::Tensor& grad_h, const std::vector<at::Tensor>& grad_sources,
-                  const std::vector<char>& accumulate, at::Tensor& grad_query_gain, at::Tensor& grad_query,
-                  at::Tensor& grad_gain, int64_t blocks) {
+                  const std::vector<char>& accumulate, const at::Tensor& grad_query_gain, const at::Tensor& grad_query,
+                  const at::Tensor& grad_gain, int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const auto src = source_pointers<scalar_t>(sources);
@@ -156,14 +157,14 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
   const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
   // dL/d(q g) has the query's shape: a query shared by several tokens sums over them. The tokens are cut into
-  // `blocks` blocks, one parallel task each, and each block sums into its own copy (grad_query_gain is
-  // [blocks, *query shape]), which the caller adds; blocks, not thread ids, because the ids come from OpenMP
-  // and the thread count from torch. A per-token (dynamic) query shares nothing: each token sums its row of
-  // dL/d(q g) in `row_grad` and turns it into its row of dL/dq = g dL/d(q g) (grad_query [B, T, d]) and its
-  // block's share of dL/dg = sum over tokens of q dL/d(q g) (grad_gain [blocks, d]); grad_query_gain is unused.
-  const auto grad_query_gain_rows = query_of<acc_t>(gain ? query_gain.query : grad_query_gain[0], sources[0].size(1));
-  const int64_t block_stride = gain || grad_query_gain.size(0) == 1 ? 0 : grad_query_gain.stride(0);
-  acc_t* grad_query_data = gain ? nullptr : grad_query_gain.data_ptr<acc_t>();
+  // `blocks` blocks, one parallel task each, and each block sums into its own copy, laid out as the query
+  // (grad_query_gain is [blocks, *query shape]), which the caller adds; blocks, not thread ids, because the ids
+  // come from OpenMP and the thread count from torch. A per-token (dynamic) query shares nothing: each token
+  // sums its row of dL/d(q g) in `row_grad` and turns it into its row of dL/dq = g dL/d(q g) (grad_query
+  // [B, T, d]) and its block's share of dL/dg = sum over tokens of q dL/d(q g) (grad_gain [blocks, d]);
+  // grad_query_gain is then undefined, as grad_query and grad_gain are for a shared query.
+  acc_t* shared_grad = gain ? nullptr : grad_query_gain.data_ptr<acc_t>();
+  const int64_t block_stride = gain ? 0 : grad_query_gain.stride(0);
   acc_t* grad_query_rows = gain ? grad_query.data_ptr<acc_t>() : nullptr;
   acc_t* grad_gain_blocks = gain ? grad_gain.data_ptr<acc_t>() : nullptr;
   const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
@@ -172,12 +173,12 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d), row_grad(gain == nullptr ? 0 : d);
     for (int64_t block = first_block; block < end_block; ++block) {
-      acc_t* block_grad = grad_query_data + block * block_stride;
+      acc_t* block_grad = shared_grad + block * block_stride;
       const int64_t block_end = (block + 1) * tokens / blocks;
       for (int64_t token = block * tokens / blocks; token < block_end; ++token) {
         const acc_t *q = query_gain_row(query.at(token), gain, row.data(), d), *dh = dhs + token * d;
         const acc_t* ht = hs + token * d;
-        acc_t* gq = gain ? row_grad.data() : block_grad + (grad_query_gain_rows.at(token) - grad_query_gain_rows.data);
+        acc_t* gq = gain ? row_grad.data() : block_grad + (query.at(token) - query.data);  // this token's row
         if (gain) std::fill(row_grad.begin(), row_grad.end(), acc_t(0));
         acc_t delta = 0;
 #pragma omp simd reduction(+ : delta)
@@ -275,8 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector
   return {h, alpha, logits, inv_rms};
 }
 
-// dL/dq and dL/dg, with dL/ds_i written into grad_sources[i] (added to it where accumulate[i]): dq = g dL/d(q g)
-// and dg = q dL/d(q g), summed over the tokens (static) or the batch and tokens (timestep, dynamic) that share them.
+// dL/dq and dL/dg, with dL/ds_i written into grad_sources[i] (added to it where accumulate[i]): dq = g dL/d(q g),
+// summed over the tokens that share the query (all of them: static; a sample's: timestep; none: dynamic), and
+// dg = q dL/d(q g) summed over every token.
 std::tuple<at::Tensor, at::Tensor> mix_backward_into(
     const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
     const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h,

@@ -30,7 +30,7 @@ Memory, per consumer (B samples, T tokens, width d, N sources):
     as soon as autograd has used it) plus per-block partial sums [B, blocks, d] for the query and the gain;
     no [N, tokens, d] intermediate. In eager training the router gives it one buffer per source instead
     (router.SourceGradient), and the kernel adds each source's gradient into it: autograd then receives one
-    gradient per source and launches no additions of its own.
+    gradient per source instead of one per consumer to add up.
 Precision: bf16/fp16 inputs are accumulated in float32, float64 stays float64; h, alpha and lse come out in
 that accumulation dtype, as dar_mix's do. bf16 sources stay bf16, also in what is saved for the backward: the
 router hands over every source in one dtype (under autocast it casts v_0, the only float32 one, once per
@@ -163,9 +163,9 @@ def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=Non
     Under torch.compile it calls the custom op dar::fused_mix, which carries its autograd, so the compiled graph
     has no break; in eager mode the same two functions run through a plain autograd.Function, because the custom
     op's dispatch costs the host about 0.2 ms per consumer, which a GPU step at SiT's batch of 32 per GPU waits
-    for (docs/kernel.md). gradient_sums: None, or one router.SourceGradient per source (each the `collect` of its
-    source): the backward then adds each source's gradient into its SourceGradient instead of returning it
-    (eager mode, sources of one dtype)."""
+    for (docs/kernel.md). gradient_sums: None, or one router.SourceGradient per source, each source being its
+    SourceGradient's `collect`: the backward then adds each source's gradient into its SourceGradient instead of
+    returning it (eager mode, sources of one dtype)."""
     _check_inputs(sources, query, gain)
     dtype = sources[0].dtype
     for s in sources[1:]:
@@ -295,7 +295,8 @@ class _FusedMixIntoGradientSums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *_):
         def gradients_into_sums(sources, *arguments):
-            buffers, accumulate = zip(*(total.buffer_like(s) for total, s in zip(ctx.gradient_sums, sources)))
+            buffers, accumulate = zip(*(gradient_sum.buffer_for(s)
+                                        for gradient_sum, s in zip(ctx.gradient_sums, sources)))
             return _mix_gradients(sources, *arguments, into=(list(buffers), list(accumulate)))
         _, grad_query, grad_gain = _saved_gradients(ctx, grad_out, gradients_into_sums)
         return None, None, None, None, grad_query, grad_gain, *(None for _ in ctx.gradient_sums)

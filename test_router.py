@@ -449,19 +449,23 @@ def test_cpu_dar_mix_reads_a_non_contiguous_query_and_refuses_wrong_shapes():
             cpu_dar_mix(sources, bad_query, bad_gain)
 
 
+@pytest.mark.parametrize("summed", [False, True], ids=["functional", "gradient-sums"])
 @pytest.mark.parametrize("kind", ["static", "timestep", "dynamic"])
-def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind):
+def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind, summed):
     """The kernel splits the tokens over threads and each thread sums its own share of the query gradient:
-    every thread's share must reach dL/dq and dL/dg."""
+    every thread's share must reach dL/dq and dL/dg. Two consumers read the same sources, so that with
+    gradient sums the second one's backward adds into the buffers the first one's wrote."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         query, gain, *sources = leaves = mix_inputs(kind, n=5, batch=3, tokens=50, dim=24)
-        h, _ = cpu_dar_mix(sources, query, gain)
+        gradient_sums = [router.SourceGradient() for _ in sources] if summed else None
+        read = [g.collect(s) for g, s in zip(gradient_sums, sources)] if summed else sources
+        h = sum(cpu_dar_mix(read, q, gain, gradient_sums=gradient_sums)[0] for q in (query, 2 * query)) / 2
         grads = torch.autograd.grad(h, leaves, torch.ones_like(h))
     finally:
         torch.set_num_threads(threads)
-    h_ref, _ = dar_mix(sources, query, gain)
+    h_ref = sum(dar_mix(sources, q, gain)[0] for q in (query, 2 * query)) / 2
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
     for grad, grad_ref in zip(grads, torch.autograd.grad(h_ref, leaves, torch.ones_like(h))):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
@@ -547,16 +551,55 @@ def test_the_kernel_adds_up_each_source_gradient_in_one_buffer(chunk, monkeypatc
     dL/ds_i into the source's one buffer, so autograd adds no gradients per (consumer, source) pair."""
     model = perturb(tiny("dar", "static", chunk, kernel="cpu"))
     flags = {}  # SourceGradient -> the accumulate flag of each consumer's backward, in order
-    buffer_like = router.SourceGradient.buffer_like
-    monkeypatch.setattr(router.SourceGradient, "buffer_like", lambda self, source: flags.setdefault(self, []).append(
-        buffer_like(self, source)[1]) or (self.total, flags[self][-1]))
+    buffer_for = router.SourceGradient.buffer_for
+    monkeypatch.setattr(router.SourceGradient, "buffer_for", lambda self, source: flags.setdefault(self, []).append(
+        buffer_for(self, source)[1]) or (self.total, flags[self][-1]))
     trace = Trace()
     x, t, y = batch()
     F.mse_loss(model(x, t, y, trace=trace), x).backward()
     readers = [a.shape[-1] for a in trace.alpha[1:]]  # the sources of consumers 2..2L+1
     assert sum(len(f) for f in flags.values()) == sum(readers)
     assert all(f == [False] + [True] * (len(f) - 1) for f in flags.values())
-    assert all(total.total is None for total in flags)  # every total handed to autograd, none kept
+    assert all(gradient_sum.total is None for gradient_sum in flags)  # every total handed to autograd, none kept
+
+
+def test_gradients_read_at_the_route_s_outputs_are_whole(monkeypatch):
+    """torch.autograd.grad of every h_l the route hands out, h_1 = v_0 included: the same as the torch kernel's
+    (a `collect`ed source handed out would miss the consumers' shares)."""
+    grads = {}
+    aggregate = router.DARRoute.aggregate
+    for kernel in ("torch", "cpu"):
+        model = perturb(tiny("dar", "static", 2, kernel=kernel))
+        handed_out = []
+        monkeypatch.setattr(router.DARRoute, "aggregate", lambda self, *args, **kwargs: handed_out.append(
+            aggregate(self, *args, **kwargs)) or handed_out[-1])
+        x, t, y = batch()
+        grads[kernel] = torch.autograd.grad(F.mse_loss(model(x, t, y), x), handed_out)
+    assert len(grads["cpu"]) == 2 * DEPTH + 1
+    for grad, grad_ref in zip(grads["cpu"], grads["torch"]):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_sources_that_need_no_gradient_get_no_gradient_sum(monkeypatch):
+    """A frozen patch embedding: v_0 needs no gradient, so no buffer is summed for it (it would never be taken)
+    and its consumers, every consumer, use the functional backward; training still computes dar_mix's gradients.
+    Without grad (sampling) no route keeps gradient sums at all."""
+    models = {kernel: perturb(tiny("dar", "static", 2, kernel=kernel)) for kernel in ("torch", "cpu")}
+    for model in models.values():
+        model.x_embedder.requires_grad_(False)
+    summed = []
+    monkeypatch.setattr(router, "cpu_dar_mix", lambda *args, gradient_sums=None: summed.append(
+        gradient_sums is not None) or cpu_dar_mix(*args, gradient_sums=gradient_sums))
+    x, t, y = batch()
+    for model in models.values():
+        torch.manual_seed(0)
+        F.mse_loss(model(x, t, y), x).backward()
+    assert summed == [False] * (2 * DEPTH)
+    for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+    with torch.no_grad():
+        assert models["cpu"].router.start(torch.zeros(1, 4, WIDTH, dtype=torch.float64), None).gradient_sums is None
 
 
 def test_a_backward_pass_that_stops_short_leaves_no_gradient_sum_behind():
