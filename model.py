@@ -20,12 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from router import build_router
-
-
-def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with one (shift, scale) per sample broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+from router import build_router, modulate  # adaLN's modulate: the dynamic query uses it too
 
 
 #################################################################################

@@ -263,8 +263,14 @@ class SourceMixer(nn.Module):
         if self.query_kind == "timestep":
             return (self.query + t_emb).unsqueeze(1)
         s_last = sources[-1]
-        u = F.layer_norm(s_last, s_last.shape[-1:], eps=1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        u = modulate(F.layer_norm(s_last, s_last.shape[-1:], eps=1e-6), shift, scale)
         return self.query_proj(u)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with one (shift, scale) per sample broadcast over tokens (model.py's
+    blocks and the dynamic query's u_l)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def chunk_sources(l, depth, chunk):
