@@ -143,6 +143,20 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
   });
 }
 
+// One token's row of dL/ds_i = alpha_i dh + c_i q g - rho_i s_i (rho_i = dz_i z_i r_i^2 / d), written into gs
+// or, kAdd, added to what gs holds; and c_i s_i added to the token's row of dL/d(q g).
+template <bool kAdd, typename scalar_t, typename acc_t>
+inline void source_gradient_row(scalar_t* gs, const scalar_t* s, const acc_t* dh, const acc_t* q, acc_t* gq,
+                                acc_t ai, acc_t c, acc_t rms_term, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = s[k];
+    const acc_t term = ai * dh[k] + c * q[k] - rms_term * v;
+    gs[k] = scalar_t(kAdd ? acc_t(gs[k]) + term : term);
+    gq[k] += c * v;
+  }
+}
+
 template <typename scalar_t>
 void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, const at::Tensor& h,
                   const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
@@ -198,19 +212,9 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
           const acc_t rms_term = dz * z[i * tokens + token] * ri * ri / d;
           scalar_t* gs = grad_src[i] + token * d;
           if (accumulate[i]) {
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) {
-              const acc_t v = s[k];
-              gs[k] = scalar_t(acc_t(gs[k]) + ai * dh[k] + c * q[k] - rms_term * v);
-              gq[k] += c * v;
-            }
+            source_gradient_row<true>(gs, s, dh, q, gq, ai, c, rms_term, d);
           } else {
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) {
-              const acc_t v = s[k];
-              gs[k] = scalar_t(ai * dh[k] + c * q[k] - rms_term * v);
-              gq[k] += c * v;
-            }
+            source_gradient_row<false>(gs, s, dh, q, gq, ai, c, rms_term, d);
           }
         }
         if (gain) {  // a per-token query: this token's dL/dq row and its share of dL/dg

@@ -175,11 +175,8 @@ def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=Non
     sources = [s.contiguous() for s in sources]  # a no-op for the router's own sources
     if torch.compiler.is_compiling():
         h, _, alpha = torch.ops.dar.fused_mix(sources, query, gain, eps, return_alpha, block_tokens)
-    elif gradient_sums is not None and torch.is_grad_enabled():
-        h, _, alpha = _FusedMixIntoGradientSums.apply(eps, return_alpha, block_tokens, gradient_sums, query, gain,
-                                                      *sources)
     else:
-        h, _, alpha = _FusedMix.apply(eps, return_alpha, block_tokens, query, gain, *sources)
+        h, _, alpha = _FusedMix.apply(eps, return_alpha, block_tokens, gradient_sums, query, gain, *sources)
     return h, (alpha if return_alpha else None)
 
 
@@ -266,23 +263,8 @@ def _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens, 
 class _FusedMix(torch.autograd.Function):
     """Eager mode: _mix forward, _mix_gradients backward, with no custom-op dispatch around them. Unlike the
     custom op it has no fake implementation: tracing outside torch.compile and export (FakeTensorMode, make_fx)
-    would reach the kernels."""
-
-    @staticmethod
-    def forward(ctx, eps, store_alpha, block_tokens, query, gain, *sources):
-        output = _mix(sources, query, gain, eps, store_alpha, block_tokens)
-        _save_for_fused_backward(ctx, (sources, query, gain, eps, store_alpha, block_tokens), output)
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # as the custom op: no second derivative
-    def backward(ctx, grad_out, *_):
-        grad_sources, grad_query, grad_gain = _saved_gradients(ctx, grad_out, _mix_gradients)
-        return None, None, None, grad_query, grad_gain, *grad_sources
-
-
-class _FusedMixIntoGradientSums(torch.autograd.Function):
-    """As _FusedMix, but the backward adds each source's gradient into its router.SourceGradient."""
+    would reach the kernels. With gradient_sums (router.SourceGradient, one per source) the backward adds each
+    source's gradient into its SourceGradient and returns none for the sources."""
 
     @staticmethod
     def forward(ctx, eps, store_alpha, block_tokens, gradient_sums, query, gain, *sources):
@@ -292,14 +274,17 @@ class _FusedMixIntoGradientSums(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @torch.autograd.function.once_differentiable  # as the custom op: no second derivative
     def backward(ctx, grad_out, *_):
-        def gradients_into_sums(sources, *arguments):
+        def gradients(sources, *arguments):
+            if ctx.gradient_sums is None:
+                return _mix_gradients(sources, *arguments)
             buffers, accumulate = zip(*(gradient_sum.buffer_for(s)
                                         for gradient_sum, s in zip(ctx.gradient_sums, sources)))
-            return _mix_gradients(sources, *arguments, into=(list(buffers), list(accumulate)))
-        _, grad_query, grad_gain = _saved_gradients(ctx, grad_out, gradients_into_sums)
-        return None, None, None, None, grad_query, grad_gain, *(None for _ in ctx.gradient_sums)
+            _, grad_query, grad_gain = _mix_gradients(sources, *arguments, into=(list(buffers), list(accumulate)))
+            return [None] * len(sources), grad_query, grad_gain
+        grad_sources, grad_query, grad_gain = _saved_gradients(ctx, grad_out, gradients)
+        return None, None, None, None, grad_query, grad_gain, *grad_sources
 
 
 @torch.library.custom_op("dar::fused_mix", mutates_args=())
