@@ -32,6 +32,7 @@ QUERIES = ("static", "timestep", "dynamic")
 KERNELS = ("auto", "torch", "cpu", "triton")  # how DAR computes Eq. 5: see mix_sources
 LOGIT_SCALES = ("inv-sqrt-d", "one")  # z_i = q . k_i / sqrt(d) (method.md) or q . k_i (AttnRes), an ablation
 RMS_EPS = 1e-6
+GROUP_SIZE = 8  # at most this many DAR consumers share one pass over their common sources (DARRoute._group)
 STALE_BUILD_LOCK_S = 600  # router_cpu.cpp compiles in about a minute; a build lock this old was abandoned
 
 
@@ -322,7 +323,12 @@ class DARRoute(Route):
 
     In eager training with a fast kernel (C++ or Triton) every source also has a SourceGradient: the kernel's
     backward adds each consumer's dL/ds_i into it, and autograd receives one gradient per source instead of one
-    per (consumer, source) pair to add up."""
+    per (consumer, source) pair to add up.
+
+    With the C++ kernel and a shared query (static, timestep), consumers also mix in groups (_group): the first
+    consumer of a group reads the sources they all start with once for all of them, and each later one mixes
+    what it computed for it with the sources written since (cpu_dar_mix_group). Same numbers, fewer passes over
+    memory: at chunk 4 a source is otherwise read by about seven consumers, each reading it forward and backward."""
 
     def __init__(self, router, v0, t_emb, trace, keep_hidden):
         super().__init__(router.depth, trace, keep_hidden)
@@ -332,9 +338,13 @@ class DARRoute(Route):
         self.query_multiplier = router.query_multiplier
         self.t_emb = t_emb
         # torch.compile traces the functional custom ops instead (their autograd returns every gradient)
-        sums_gradients = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                          and chosen_kernel(router.kernel, v0) in ("cpu", "triton"))
+        kernel, eager = chosen_kernel(router.kernel, v0), not torch.compiler.is_compiling()
+        sums_gradients = torch.is_grad_enabled() and eager and kernel in ("cpu", "triton")
         self.gradient_sums = {} if sums_gradients else None  # (first, last) -> SourceGradient
+        # Consumers mix in groups (_group) with the C++ kernel in eager mode, for shared queries (a dynamic query
+        # depends on the sources written after a group's first consumer), when no routing weights are asked for
+        self.groups = kernel == "cpu" and eager and router.query != "dynamic" and trace is None
+        self.prefixes = {}  # consumer -> (P, lse_P, how many sources P mixes), from its group's first consumer
         self.stored = {}  # (first, last) sublayer range -> v_0, a raw output or a summary
         self.v0 = _as_source(v0)  # h_1, which is v_0 itself, not its `collect` (see _store)
         self._store((0, 0), self.v0)
@@ -354,16 +364,51 @@ class DARRoute(Route):
             self.record_alpha(torch.ones(*self.v0.shape[:-1], 1, dtype=self.v0.dtype, device=self.v0.device))
             return self.v0  # h_1 = v_0: one source, alpha = 1
         mixer = self.mixers[consumer - 2]
-        query = mixer.make_query(sources, shift, scale, self.t_emb)
-        if self.query_multiplier is not None:
-            query = query * self.query_multiplier
+        query = self._query(consumer, sources, shift, scale)
         gradient_sums = None  # the functional backward, also where a source needs no gradient (it has no sum)
         if self.gradient_sums is not None and all(r in self.gradient_sums for r in ranges):
             gradient_sums = [self.gradient_sums[r] for r in ranges]
+        prefix = self.prefixes.pop(consumer, None)
+        if self.groups and (gradient_sums is not None or not torch.is_grad_enabled()):
+            if prefix is not None:  # a later consumer of a group: the group's prefix, then its own newer sources
+                rows, logit, shared = prefix
+                (h,), _ = cpu_dar_mix_group(sources[shared:], [query], [mixer.gain],
+                                            gradient_sums and gradient_sums[shared:], prefix=(rows, logit))
+                return h
+            group = self._group(consumer, ranges)
+            if len(group) > 1:  # the first consumer of a group: every member's prefix, and its own h
+                # a shared query needs neither the member's sources nor its shift and scale (a dynamic one would)
+                queries = [query] + [self._query(c, sources, shift, scale) for c in group[1:]]
+                outputs, lse = cpu_dar_mix_group(sources, queries, [self.mixers[c - 2].gain for c in group],
+                                                 gradient_sums)
+                self.prefixes = {c: (rows, logit, len(sources))
+                                 for c, rows, logit in zip(group[1:], outputs[1:], lse[1:])}
+                return outputs[0]
         h, alpha = mix_sources(sources, query, mixer.gain, self.kernel, need_alpha=self.trace is not None,
                                gradient_sums=gradient_sums)
         self.record_alpha(alpha)
         return h
+
+    def _query(self, consumer, sources, shift, scale):
+        query = self.mixers[consumer - 2].make_query(sources, shift, scale, self.t_emb)
+        return query if self.query_multiplier is None else query * self.query_multiplier
+
+    def _group(self, consumer, ranges):
+        """The consumers that share one pass of the kernel over `ranges`, consumer's sources: consumer and the ones
+        after it whose sources start with the same ranges, at most GROUP_SIZE. After a chunk's first consumer (which
+        reads v_0 and the summaries) that is every later consumer, across chunks; after any other, the rest of its
+        chunk (and the final aggregator after the last chunk); with chunk 1, every later consumer. The first
+        consumer mixes the shared sources for all of them; each later one mixes that prefix with its own newer
+        sources (cpu_dar_mix_group). Reading each shared source once per group instead of once per consumer is what
+        makes it faster. A later member whose newer sources lack a gradient sum while training (something detached
+        them) mixes alone; its prefix then gets a zero gradient, and its query and gain a zero one where they would
+        otherwise get none."""
+        group = [consumer]
+        while len(group) < GROUP_SIZE and group[-1] <= 2 * self.depth:
+            if chunk_sources(group[-1] + 1, self.depth, self.chunk)[:len(ranges)] != ranges:
+                break
+            group.append(group[-1] + 1)
+        return group
 
     def add(self, v):
         self._store((self.written + 1, self.written + 1), v)
@@ -400,21 +445,49 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
     are and accumulated in float32. The kernel is compiled the first time it is needed (cpu_kernel_available).
 
     gradient_sums: None, or one SourceGradient per source, each source being its SourceGradient's `collect`. The
-    backward then adds dL/ds_i into gradient_sums[i] instead of returning it (eager mode: dar::mix_backward_into).
+    backward then adds dL/ds_i into gradient_sums[i] instead of returning it (eager mode: _MixGroup, a group of one).
     """
-    if not cpu_kernel_available():
-        raise RuntimeError("kernel 'cpu' needs router_cpu.cpp compiled (a C++ compiler and ninja); "
-                           "use kernel 'torch' or 'auto'")
+    _require_cpu_kernel()
     dtype = _mix_dtype(sources, query, gain)
     source_dtype = dtype if dtype == torch.float64 else sources[0].dtype  # float64 accumulation: float64 sources
     if any(s.dtype != source_dtype for s in sources):
         sources, gradient_sums = [s.to(dtype) for s in sources], None  # converted: not the sources the sums are of
     sources = [s.contiguous() for s in sources]
     if gradient_sums is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        h, alpha = _MixIntoGradientSums.apply(eps, gradient_sums, query, gain, *sources)
+        h, _, alpha = _MixGroup.apply(eps, gradient_sums, 1, None, None, query, gain, *sources)
+        alpha = alpha[:, :, 0]
     else:
         h, alpha, _, _ = torch.ops.dar.mix(sources, query, gain, eps)
-    return h, alpha.permute(1, 2, 0)  # [N, B, T] -> dar_mix's [B, T, N]
+    return h, alpha
+
+
+def cpu_dar_mix_group(sources, queries, gains, gradient_sums=None, prefix=None, eps=RMS_EPS):
+    """Eq. 5 for G consumers that read the same sources, in one pass over them (see DARRoute._group): returns each
+    consumer's mix of these sources (a group's first consumer's h, its later members' P) and the log-sum-exp of
+    their logits, lse [G, B, T]. Or, given prefix = (P, lse_P), for one consumer whose sources are the ones a
+    group's first consumer read, which P mixes, followed by `sources`: P is then one more item, of logit lse_P (a
+    softmax over every source splits into the two parts' softmaxes), and the result is the consumer's h.
+
+    Shared queries only (static, timestep); sources of one dtype, which sets the accumulation dtype (float64 only
+    for float64 sources). gradient_sums: one SourceGradient per source, each source being its `collect`; required
+    when a gradient will be taken (the backward adds into them)."""
+    _require_cpu_kernel()
+    if torch.is_grad_enabled() and gradient_sums is None:
+        raise ValueError("cpu_dar_mix_group: gradient_sums are required when a gradient may be taken "
+                         "(or call it under torch.no_grad)")
+    if any(s.dtype != sources[0].dtype for s in sources):
+        raise ValueError(f"cpu_dar_mix_group: sources of one dtype, got {sorted({str(s.dtype) for s in sources})}")
+    sources = [s.contiguous() for s in sources]
+    prefix_rows, prefix_logit = prefix if prefix is not None else (None, None)
+    *outputs, lse, _ = _MixGroup.apply(eps, gradient_sums, len(queries), prefix_rows, prefix_logit, *queries, *gains,
+                                       *sources)
+    return outputs, lse
+
+
+def _require_cpu_kernel():
+    if not cpu_kernel_available():
+        raise RuntimeError("kernel 'cpu' needs router_cpu.cpp compiled (a C++ compiler and ninja); "
+                           "use kernel 'torch' or 'auto'")
 
 
 class SourceGradient:
@@ -443,7 +516,8 @@ class SourceGradient:
         return self.total, accumulate
 
     def take(self):
-        """The total of this backward pass (None if no consumer added to it), no longer kept."""
+        """The total of this backward pass (None if no consumer added to it), no longer kept. (Whenever autograd
+        reaches a source, its consumers have run in the same pass; the graph-task check is a guard.)"""
         total = self.total if self.graph_task == torch._C._current_graph_task_id() else None
         self.total, self.graph_task = None, None
         return total
@@ -470,25 +544,34 @@ class _HandOnGradientSum(torch.autograd.Function):
         return None, total
 
 
-class _MixIntoGradientSums(torch.autograd.Function):
-    """dar::mix forward; backward, dar::mix_backward_into: dL/ds_i into the sources' SourceGradients."""
+class _MixGroup(torch.autograd.Function):
+    """dar::mix_group forward (G consumers, or one after a prefix); backward, dar::mix_group_backward_into: dL/ds_i
+    into the sources' SourceGradients, each consumer's dL/dq and dL/dg, and with a prefix dL/dP and dL/dlse_P.
+    Outputs: each consumer's mix of the sources (see cpu_dar_mix_group), their lse [G, B, T], alpha [B, T, G, items]."""
 
     @staticmethod
-    def forward(ctx, eps, gradient_sums, query, gain, *sources):
-        h, alpha, logits, inv_rms = torch.ops.dar.mix(list(sources), query, gain, eps)
-        ctx.save_for_backward(query, gain, h, alpha, logits, inv_rms, *sources)
-        ctx.gradient_sums = gradient_sums
+    def forward(ctx, eps, gradient_sums, consumers, prefix, prefix_logit, *tensors):
+        queries, gains, sources = tensors[:consumers], tensors[consumers:2 * consumers], tensors[2 * consumers:]
+        outputs, lse, alpha, logits, inv_rms = torch.ops.dar.mix_group(list(sources), list(queries), list(gains),
+                                                                       prefix, prefix_logit, eps)
+        kept = outputs[0] if prefix is not None else None  # with a prefix, dh . h is read from h, P not being kept
+        ctx.save_for_backward(kept, alpha, logits, inv_rms, *tensors)
+        ctx.consumers, ctx.gradient_sums = consumers, gradient_sums
         ctx.mark_non_differentiable(alpha)
-        return h, alpha
+        return (*outputs, lse, alpha)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h, _):
-        query, gain, h, alpha, logits, inv_rms, *sources = ctx.saved_tensors
+    def backward(ctx, *grads):
+        kept, alpha, logits, inv_rms, *tensors = ctx.saved_tensors
+        consumers = ctx.consumers
+        queries, gains, sources = tensors[:consumers], tensors[consumers:2 * consumers], tensors[2 * consumers:]
         buffers, accumulate = zip(*(gradient_sum.buffer_for(s) for gradient_sum, s in zip(ctx.gradient_sums, sources)))
-        grad_query, grad_gain = torch.ops.dar.mix_backward_into(sources, query, gain, h, alpha, logits, inv_rms,
-                                                                grad_h, list(buffers), list(accumulate))
-        return None, None, grad_query, grad_gain, *(None for _ in sources)
+        grad_queries, grad_gains, grad_prefix = torch.ops.dar.mix_group_backward_into(
+            sources, queries, gains, kept, alpha, logits, inv_rms, list(grads[:consumers]), grads[consumers],
+            list(buffers), list(accumulate))
+        return (None, None, None, *(grad_prefix or (None, None)), *grad_queries, *grad_gains,
+                *(None for _ in sources))
 
 
 _cpu_kernel_loaded = {}  # {"ok": bool} once router_cpu.cpp has been loaded, or has failed to build
@@ -561,28 +644,28 @@ def _load_cpu_kernel():
 
 
 def _mix_shapes(sources, query, gain, eps):
-    """dar::mix returns (h [B, T, d], alpha, z, r), the last three [N, B, T], in the accumulation dtype."""
+    """dar::mix returns (h [B, T, d], alpha, z, r), the last three [B, T, N], in the accumulation dtype."""
     dtype = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
-    stats = [sources[0].new_empty((len(sources), *sources[0].shape[:-1]), dtype=dtype) for _ in range(3)]
+    stats = [sources[0].new_empty((*sources[0].shape[:-1], len(sources)), dtype=dtype) for _ in range(3)]
     return sources[0].new_empty(sources[0].shape, dtype=dtype), *stats
 
 
-def _mix_backward_shapes(sources, query, gain, h, alpha, logits, inv_rms, grad_h):
+def _mix_backward_shapes(sources, query, gain, alpha, logits, inv_rms, grad_h):
     """dar::mix_backward returns (dL/ds_i for every source, dL/dq, dL/dg)."""
     return [torch.empty_like(s) for s in sources], torch.empty_like(query), torch.empty_like(gain)
 
 
 def _save_for_mix_backward(ctx, inputs, output):
     sources, query, gain, _ = inputs
-    h, alpha, logits, inv_rms = output
-    ctx.save_for_backward(query, gain, h, alpha, logits, inv_rms, *sources)
+    _, alpha, logits, inv_rms = output
+    ctx.save_for_backward(query, gain, alpha, logits, inv_rms, *sources)
     ctx.mark_non_differentiable(alpha, logits, inv_rms)
 
 
 def _mix_gradients(ctx, grad_h, *_):
-    query, gain, h, alpha, logits, inv_rms, *sources = ctx.saved_tensors
-    grad_sources, grad_query, grad_gain = torch.ops.dar.mix_backward(
-        sources, query, gain, h, alpha, logits, inv_rms, grad_h)
+    query, gain, alpha, logits, inv_rms, *sources = ctx.saved_tensors
+    grad_sources, grad_query, grad_gain = torch.ops.dar.mix_backward(sources, query, gain, alpha, logits, inv_rms,
+                                                                     grad_h)
     return grad_sources, grad_query, grad_gain, None
 
 

@@ -1,23 +1,36 @@
-// router_cpu.cpp: paper Eq. 5 for one DAR consumer on the CPU, forward and backward, one token at a time.
+// router_cpu.cpp: paper Eq. 5 for DAR consumers on the CPU, forward and backward, one token at a time.
 //
 // Not run directly: router.py compiles this file with PyTorch's C++ extension loader the first time kernel
 // "cpu" (the default on CPU) is needed (a C++ compiler and ninja; the build is cached per machine), which
-// defines the ops dar::mix, dar::mix_backward and dar::mix_backward_into below; router.py registers the shapes of
-// the first two and dar::mix's autograd (what torch.compile sees), and router.cpu_dar_mix calls dar::mix. In eager
-// training the backward is dar::mix_backward_into, which adds each dL/ds_i into one buffer per source
-// (router.SourceGradient) instead of returning a fresh tensor for autograd to add up. The readable reference is
+// defines the ops below. dar::mix and dar::mix_backward are one consumer's functional ops: router.py registers
+// their shapes and dar::mix's autograd (what torch.compile sees), and router.cpu_dar_mix calls dar::mix without
+// gradient sums (no grad, torch.compile, a source that needs no gradient).
+// dar::mix_group and dar::mix_group_backward_into are what eager mode calls (router._MixGroup): the backward adds
+// each dL/ds_i into one buffer per source (router.SourceGradient) instead of returning a fresh tensor for
+// autograd to add up, and one call can mix for a group of consumers (below). The readable reference is
 // router.dar_mix.
 //
 // Why C++: eager PyTorch computes Eq. 5 as about ten passes over memory per (consumer, source) pair, each
 // allocating a temporary; on a CPU that traffic is what DAR costs. Here each token's d features of every
-// source are read once from memory; the norm, the logit, the softmax and the weighted sum (forward), and
+// source are read once from memory; the norm, the logits, the softmax and the weighted sum (forward), and
 // the source, query and gain gradients (backward) then work on them while they are still in cache.
 //
+// Groups. Consecutive consumers often start from the same sources (a chunk's first consumer reads v_0 and the
+// summaries, which every later consumer reads first too; at chunk 1 each consumer reads the previous one's
+// sources and one more), then read each its own newer ones. With shared queries (static, timestep) a group's
+// first consumer mixes the shared sources for every member in one pass, each row read once for all: member c gets
+// P_c = sum_i beta_ci s_i over the shared sources and lse_c, the log-sum-exp of their logits. A later member
+// then mixes P_c, as one more item whose logit is lse_c, with its newer sources: a softmax over all its sources
+// splits into the two parts, so this is Eq. 5 over its whole list. P is not kept for the backward, and h only
+// by a consumer after a prefix.
+//
 // Symbols of docs/method.md section 3, per token: s_i (source i), r_i = rms(s_i)^-1,
-// z_i = (q g . s_i) r_i / sqrt(d), alpha = softmax_i(z), h = sum_i alpha_i s_i. Backward with upstream dh:
-//   dz_i = alpha_i (dh . s_i - dh . h),  c_i = dz_i r_i / sqrt(d),
-//   dL/ds_i = alpha_i dh + c_i q g - dz_i z_i r_i^2 / d s_i,  dL/d(q g) = sum_i c_i s_i.
-// Sources are float32, float64, bfloat16 or float16 (all of one dtype); statistics, h and the query
+// z_i = (q g . s_i) r_i / sqrt(d), alpha = softmax_i(z), h = sum_i alpha_i s_i, lse = log sum_i exp(z_i).
+// Backward with upstream dh and dlse (nonzero where a group's member reads lse as its prefix's logit):
+//   dz_i = alpha_i (dh . s_i - dh . h + dlse),  c_i = dz_i r_i / sqrt(d),
+//   dL/ds_i = alpha_i dh + c_i q g - dz_i z_i r_i^2 / d s_i,  dL/d(q g) = sum_i c_i s_i,
+// and for a prefix item P of logit lse_P: dL/dP = alpha_P dh, dL/dlse_P = dz_P.
+// Sources are float32, float64, bfloat16 or float16 (all of one dtype); statistics, h, P and the query
 // gradient are in the accumulation dtype (float32, or float64 for float64 sources).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +41,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -52,21 +66,21 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
 #endif
 }
 
-// The query of a token in memory: q g [1, 1, d] (static) or [B, 1, d] (timestep), or q [B, T, d] (dynamic).
+// The queries of a group in memory: [G, 1 or B, 1 or T, d], consumer c's row for a token.
 template <typename acc_t>
 struct Query {
   const acc_t* data;
-  int64_t batch_stride, token_stride, tokens;
-  const acc_t* at(int64_t token) const {
-    return data + (token / tokens) * batch_stride + (token % tokens) * token_stride;
+  int64_t consumer_stride, batch_stride, token_stride, tokens;
+  const acc_t* at(int64_t consumer, int64_t token) const {
+    return data + consumer * consumer_stride + (token / tokens) * batch_stride + (token % tokens) * token_stride;
   }
 };
 
 template <typename acc_t>
 Query<acc_t> query_of(const at::Tensor& query_gain, int64_t tokens) {
-  const int64_t d = query_gain.size(2);
-  return {query_gain.data_ptr<acc_t>(), query_gain.size(0) == 1 ? 0 : query_gain.size(1) * d,
-          query_gain.size(1) == 1 ? 0 : d, tokens};
+  const int64_t d = query_gain.size(3);
+  return {query_gain.data_ptr<acc_t>(), query_gain.size(1) * query_gain.size(2) * d,
+          query_gain.size(1) == 1 ? 0 : query_gain.size(2) * d, query_gain.size(2) == 1 ? 0 : d, tokens};
 }
 
 // q g of one token: the stored row, or for a per-token query (gain not null) q * g, written into `row`.
@@ -78,12 +92,13 @@ inline const acc_t* query_gain_row(const acc_t* q, const acc_t* gain, acc_t* row
   return row;
 }
 
-// What the kernels read of the query and the gain. A query shared by many tokens (static [d], timestep
-// [B, 1, d]) is multiplied by the gain once, as a small tensor: query is q g and gain undefined. A per-token
-// query (dynamic [B, T, d]) is not: query is q, gain g, and the kernels multiply them one row at a time, which
-// spares two passes over a [B, T, d] tensor per call (and, backward, two more for dL/dq and dL/dg).
+// What the kernels read of the queries and the gains. Queries shared by many tokens (static [d], timestep
+// [B, 1, d]) are multiplied by their gains once, as small tensors: query is q g, [G, 1 or B, 1, d], and gain
+// undefined. A per-token query (dynamic [B, T, d], only in groups of one) is not: query is q, [1, B, T, d], gain
+// g, and the kernels multiply them one row at a time, which spares two passes over a [B, T, d] tensor per call
+// (and, backward, two more for dL/dq and dL/dg).
 struct QueryGain {
-  at::Tensor query;  // contiguous [1 or B, 1 or T, d], accumulation dtype
+  at::Tensor query;  // contiguous [G, 1 or B, 1 or T, d], accumulation dtype
   at::Tensor gain;   // [d], accumulation dtype, or undefined
   bool per_token() const { return gain.defined(); }
 };
@@ -95,22 +110,29 @@ std::vector<const scalar_t*> source_pointers(const std::vector<at::Tensor>& sour
   return pointers;
 }
 
+// The statistics of a group, token-major (each token writes its own contiguous run): alpha and z are
+// [B, T, G, items], items = the N sources, after the prefix where there is one (item 0); r is [B, T, N]; lse [G, B, T].
 template <typename scalar_t>
-void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, double eps, at::Tensor& h,
+void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, const at::Tensor& prefix,
+                 const at::Tensor& prefix_logit, double eps, const std::vector<at::Tensor>& outputs, at::Tensor& lse,
                  at::Tensor& alpha, at::Tensor& logits, at::Tensor& inv_rms) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
+  const int64_t consumers = outputs.size(), first = prefix.defined() ? 1 : 0, items = first + n;
   const auto src = source_pointers<scalar_t>(sources);
   const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
   const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
-  acc_t* out = h.data_ptr<acc_t>();
+  const acc_t* prefix_rows = prefix.defined() ? prefix.data_ptr<acc_t>() : nullptr;
+  const acc_t* prefix_z = prefix.defined() ? prefix_logit.data_ptr<acc_t>() : nullptr;
+  std::vector<acc_t*> out;
+  for (const auto& o : outputs) out.push_back(o.data_ptr<acc_t>());
   acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
+  acc_t* m = lse.data_ptr<acc_t>();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d);
     for (int64_t token = begin; token < end; ++token) {
-      const acc_t* q = query_gain_row(query.at(token), gain, row.data(), d);
-      acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+      const acc_t* q0 = query_gain_row(query.at(0, token), gain, row.data(), d);
       for (int64_t i = 0; i < n; ++i) {
         const scalar_t* s = src[i] + token * d;
         if (token + kPrefetchTokens < end) prefetch_row<false>(s + kPrefetchTokens * d, d);
@@ -119,111 +141,174 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
         for (int64_t k = 0; k < d; ++k) {
           const acc_t v = s[k];
           square_sum += v * v;
-          dot += v * q[k];
+          dot += v * q0[k];
         }
         const acc_t ri = acc_t(1) / std::sqrt(square_sum / d + acc_t(eps));
-        r[i * tokens + token] = ri;
-        z[i * tokens + token] = dot * ri * scale;  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i
-        max_logit = std::max(max_logit, z[i * tokens + token]);
+        r[token * n + i] = ri;
+        z[token * consumers * items + first + i] = dot * ri * scale;  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i
+        for (int64_t c = 1; c < consumers; ++c) {  // the group's other queries, on the row in cache
+          const acc_t* q = query.at(c, token);
+          dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t k = 0; k < d; ++k) dot += acc_t(s[k]) * q[k];
+          z[(token * consumers + c) * items + first + i] = dot * ri * scale;
+        }
       }
-      acc_t total = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        a[i * tokens + token] = std::exp(z[i * tokens + token] - max_logit);
-        total += a[i * tokens + token];
+      for (int64_t c = 0; c < consumers; ++c) {  // Eq. 5: alpha = softmax over the items, one row per consumer
+        acc_t *zc = z + (token * consumers + c) * items, *ac = a + (token * consumers + c) * items;
+        if (prefix_z) zc[0] = prefix_z[token];
+        acc_t max_logit = -std::numeric_limits<acc_t>::infinity(), total = 0;
+        for (int64_t i = 0; i < items; ++i) max_logit = std::max(max_logit, zc[i]);
+        for (int64_t i = 0; i < items; ++i) total += ac[i] = std::exp(zc[i] - max_logit);
+        for (int64_t i = 0; i < items; ++i) ac[i] /= total;
+        m[c * tokens + token] = max_logit + std::log(total);
+        acc_t* ht = out[c] + token * d;  // h = sum_i alpha_i s_i (+ alpha_P P)
+        const acc_t ap = prefix_rows ? ac[0] : acc_t(0);
+        const acc_t* p = prefix_rows ? prefix_rows + token * d : nullptr;
+        for (int64_t k = 0; k < d; ++k) ht[k] = p ? ap * p[k] : acc_t(0);
       }
-      acc_t* ht = out + token * d;  // Eq. 5: h = sum_i alpha_i s_i, alpha = softmax over sources
-      for (int64_t k = 0; k < d; ++k) ht[k] = 0;
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t ai = a[i * tokens + token] /= total;
         const scalar_t* s = src[i] + token * d;
+        for (int64_t c = 0; c < consumers; ++c) {
+          const acc_t ai = a[(token * consumers + c) * items + first + i];
+          acc_t* ht = out[c] + token * d;
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) ht[k] += ai * acc_t(s[k]);
+          for (int64_t k = 0; k < d; ++k) ht[k] += ai * acc_t(s[k]);
+        }
       }
     }
   });
 }
 
-// One token's row of dL/ds_i = alpha_i dh + c_i q g - rho_i s_i (rho_i = dz_i z_i r_i^2 / d), written into gs
-// or, kAdd, added to what gs holds; and c_i s_i added to the token's row of dL/d(q g).
-template <bool kAdd, typename scalar_t, typename acc_t>
-inline void source_gradient_row(scalar_t* gs, const scalar_t* s, const acc_t* dh, const acc_t* q, acc_t* gq,
-                                acc_t ai, acc_t c, acc_t rms_term, int64_t d) {
+// One consumer's term of one token's row of dL/ds_i, alpha_i dh + c_i q g - rho_i s_i (rho_i = dz_i z_i r_i^2 / d),
+// written into gs or, kAdd, added to what gs holds; and c_i s_i added to the token's row of dL/d(q g).
+template <bool kAdd, typename out_t, typename scalar_t, typename acc_t>
+inline void source_gradient_row(out_t* gs, const scalar_t* s, const acc_t* dh, const acc_t* q, acc_t* gq, acc_t ai,
+                                acc_t c, acc_t rms_term, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) {
     const acc_t v = s[k];
     const acc_t term = ai * dh[k] + c * q[k] - rms_term * v;
-    gs[k] = scalar_t(kAdd ? acc_t(gs[k]) + term : term);
+    gs[k] = out_t(kAdd ? acc_t(gs[k]) + term : term);
     gq[k] += c * v;
   }
 }
 
+// The backward of mix_forward. Each consumer c receives dL/dh_c and, where its lse is read (a group's first
+// consumer hands its prefix and lse on to the others), dL/dlse_c. dh . h, which every dz_i needs, is
+// sum_i alpha_i (dh . s_i), so that a consumer's h need not be kept; only with a prefix, whose row P is not
+// kept either, is it read from the h kept (prefixed_h): then alpha_P (dh . P) = dh . h - sum_i alpha_i (dh . s_i).
 template <typename scalar_t>
-void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, const at::Tensor& h,
+void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query_gain, const at::Tensor& prefixed_h,
                   const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms,
-                  const at::Tensor& grad_h, const std::vector<at::Tensor>& grad_sources,
-                  const std::vector<char>& accumulate, const at::Tensor& grad_query_gain, const at::Tensor& grad_query,
-                  const at::Tensor& grad_gain, int64_t blocks) {
+                  const std::vector<at::Tensor>& grad_outputs, const at::Tensor& grad_lse,
+                  const std::vector<at::Tensor>& grad_sources, const std::vector<char>& accumulate,
+                  const at::Tensor& grad_prefix, const at::Tensor& grad_prefix_logit,
+                  const at::Tensor& grad_query_gain, const at::Tensor& grad_query, const at::Tensor& grad_gain,
+                  int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
+  const int64_t consumers = grad_outputs.size(), first = prefixed_h.defined() ? 1 : 0, items = first + n;
   const auto src = source_pointers<scalar_t>(sources);
   std::vector<scalar_t*> grad_src;
   for (auto& g : grad_sources) grad_src.push_back(g.data_ptr<scalar_t>());
+  std::vector<const acc_t*> dhs;
+  for (auto& g : grad_outputs) dhs.push_back(g.data_ptr<acc_t>());
   const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
   const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
-  // dL/d(q g) has the query's shape: a query shared by several tokens sums over them. The tokens are cut into
-  // `blocks` blocks, one parallel task each, and each block sums into its own copy, laid out as the query
-  // (grad_query_gain is [blocks, *query shape]), which the caller adds; blocks, not thread ids, because the ids
-  // come from OpenMP and the thread count from torch. A per-token (dynamic) query shares nothing: each token
+  // dL/d(q g) has the queries' shape: a query shared by several tokens sums over them. The tokens are cut into
+  // `blocks` blocks, one parallel task each, and each block sums into its own copy, laid out as the queries
+  // (grad_query_gain is [blocks, G, *query shape]), which the caller adds; blocks, not thread ids, because the
+  // ids come from OpenMP and the thread count from torch. A per-token (dynamic) query shares nothing: each token
   // sums its row of dL/d(q g) in `row_grad` and turns it into its row of dL/dq = g dL/d(q g) (grad_query
   // [B, T, d]) and its block's share of dL/dg = sum over tokens of q dL/d(q g) (grad_gain [blocks, d]);
-  // grad_query_gain is then undefined, as grad_query and grad_gain are for a shared query.
+  // grad_query_gain is then undefined, as grad_query and grad_gain are for shared queries.
   acc_t* shared_grad = gain ? nullptr : grad_query_gain.data_ptr<acc_t>();
   const int64_t block_stride = gain ? 0 : grad_query_gain.stride(0);
   acc_t* grad_query_rows = gain ? grad_query.data_ptr<acc_t>() : nullptr;
   acc_t* grad_gain_blocks = gain ? grad_gain.data_ptr<acc_t>() : nullptr;
   const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
-  const acc_t *hs = h.data_ptr<acc_t>(), *dhs = grad_h.data_ptr<acc_t>();
+  const acc_t* hs = prefixed_h.defined() ? prefixed_h.data_ptr<acc_t>() : nullptr;
+  const acc_t* dlse = grad_lse.defined() ? grad_lse.data_ptr<acc_t>() : nullptr;
+  acc_t* dprefix = hs ? grad_prefix.data_ptr<acc_t>() : nullptr;
+  acc_t* dprefix_z = hs ? grad_prefix_logit.data_ptr<acc_t>() : nullptr;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d), row_grad(gain == nullptr ? 0 : d);
+    std::vector<acc_t> dz(consumers * n), term(consumers > 1 ? d : 0);
     for (int64_t block = first_block; block < end_block; ++block) {
       acc_t* block_grad = shared_grad + block * block_stride;
       const int64_t block_end = (block + 1) * tokens / blocks;
       for (int64_t token = block * tokens / blocks; token < block_end; ++token) {
-        const acc_t *q = query_gain_row(query.at(token), gain, row.data(), d), *dh = dhs + token * d;
-        const acc_t* ht = hs + token * d;
-        acc_t* gq = gain ? row_grad.data() : block_grad + (query.at(token) - query.data);  // this token's row
+        const acc_t* q0 = query_gain_row(query.at(0, token), gain, row.data(), d);
         if (gain) std::fill(row_grad.begin(), row_grad.end(), acc_t(0));
-        acc_t delta = 0;
-#pragma omp simd reduction(+ : delta)
-        for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0; i < n; ++i) {  // dz first holds dh_c . s_i
           const scalar_t* s = src[i] + token * d;
           if (token + kPrefetchTokens < block_end) {
             prefetch_row<false>(s + kPrefetchTokens * d, d);
             prefetch_row<true>(grad_src[i] + (token + kPrefetchTokens) * d, d);
           }
-          acc_t dot = 0;
+          for (int64_t c = 0; c < consumers; ++c) {
+            const acc_t* dh = dhs[c] + token * d;
+            acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
-          const acc_t ai = a[i * tokens + token], ri = r[i * tokens + token];
-          const acc_t dz = ai * (dot - delta);
-          const acc_t c = dz * ri * scale;
-          const acc_t rms_term = dz * z[i * tokens + token] * ri * ri / d;
+            for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
+            dz[c * n + i] = dot;
+          }
+        }
+        for (int64_t c = 0; c < consumers; ++c) {  // dz_i = alpha_i (dh . s_i - dh . h + dL/dlse)
+          const acc_t* ac = a + (token * consumers + c) * items;
+          const acc_t* dh = dhs[c] + token * d;
+          acc_t mixed = 0;  // sum_i alpha_i (dh . s_i)
+          for (int64_t i = 0; i < n; ++i) mixed += ac[first + i] * dz[c * n + i];
+          acc_t delta = mixed;  // dh . h
+          if (hs) {
+            const acc_t* ht = hs + token * d;
+            delta = 0;
+#pragma omp simd reduction(+ : delta)
+            for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
+          }
+          const acc_t dl = dlse ? dlse[c * tokens + token] : acc_t(0);
+          if (hs) {  // the prefix: dL/dP = alpha_P dh, dL/dz_P = alpha_P (dh . P - dh . h + dL/dlse)
+            const acc_t ap = ac[0];
+            dprefix_z[token] = (delta - mixed) - ap * (delta - dl);
+            acc_t* gp = dprefix + token * d;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) gp[k] = ap * dh[k];
+          }
+          for (int64_t i = 0; i < n; ++i) dz[c * n + i] = ac[first + i] * (dz[c * n + i] - delta + dl);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* s = src[i] + token * d;
+          const acc_t ri = r[token * n + i];
           scalar_t* gs = grad_src[i] + token * d;
-          if (accumulate[i]) {
-            source_gradient_row<true>(gs, s, dh, q, gq, ai, c, rms_term, d);
-          } else {
-            source_gradient_row<false>(gs, s, dh, q, gq, ai, c, rms_term, d);
+          for (int64_t c = 0; c < consumers; ++c) {
+            const acc_t *q = c == 0 ? q0 : query.at(c, token), *dh = dhs[c] + token * d;
+            acc_t* gq = gain ? row_grad.data() : block_grad + (query.at(c, token) - query.data);  // this token's row
+            const acc_t ai = a[(token * consumers + c) * items + first + i], dzi = dz[c * n + i];
+            const acc_t cq = dzi * ri * scale, rms_term = dzi * z[(token * consumers + c) * items + first + i] * ri * ri / d;
+            if (consumers == 1 && accumulate[i]) {
+              source_gradient_row<true>(gs, s, dh, q, gq, ai, cq, rms_term, d);
+            } else if (consumers == 1) {
+              source_gradient_row<false>(gs, s, dh, q, gq, ai, cq, rms_term, d);
+            } else if (c == 0) {  // a group sums its consumers' terms, then writes the row once
+              source_gradient_row<false>(term.data(), s, dh, q, gq, ai, cq, rms_term, d);
+            } else {
+              source_gradient_row<true>(term.data(), s, dh, q, gq, ai, cq, rms_term, d);
+            }
+          }
+          if (consumers > 1) {
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) gs[k] = scalar_t(accumulate[i] ? acc_t(gs[k]) + term[k] : term[k]);
           }
         }
         if (gain) {  // a per-token query: this token's dL/dq row and its share of dL/dg
-          const acc_t* q_raw = query.at(token);
+          const acc_t* q_raw = query.at(0, token);
           acc_t *dq = grad_query_rows + token * d, *dg = grad_gain_blocks + block * d;
 #pragma omp simd
           for (int64_t k = 0; k < d; ++k) {
-            dq[k] = gq[k] * gain[k];
-            dg[k] += gq[k] * q_raw[k];
+            dq[k] = row_grad[k] * gain[k];
+            dg[k] += row_grad[k] * q_raw[k];
           }
         }
       }
@@ -240,109 +325,174 @@ void check_sources(const std::vector<at::Tensor>& sources) {
   }
 }
 
-// The kernels' QueryGain, in the accumulation dtype, from a query [d], [1 or B, 1 or T, d] and a gain [d] (a
-// transient: the query and the gain are what the backward keeps). Per-token: a query [B, T, d] (dynamic).
-QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain,
-                        at::ScalarType accumulation) {
+// The kernels' QueryGain, in the accumulation dtype, from G queries [d] or [1 or B, 1 or T, d] (all of one shape)
+// and G gains [d] (a transient: the queries and the gains are what the backward keeps). Per-token: one query
+// [B, T, d] (dynamic).
+QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& queries,
+                        const std::vector<at::Tensor>& gains, at::ScalarType accumulation) {
   const int64_t batch = sources[0].size(0), tokens = sources[0].size(1), d = sources[0].size(2);
-  TORCH_CHECK(query.device().is_cpu() && gain.device().is_cpu(), "dar::mix: query and gain must be CPU tensors");
-  TORCH_CHECK(gain.dim() == 1 && gain.size(0) == d, "dar::mix: gain must be [d], d = ", d);
-  TORCH_CHECK((query.dim() == 1 && query.size(0) == d) ||
-                  (query.dim() == 3 && (query.size(0) == 1 || query.size(0) == batch) &&
-                   (query.size(1) == 1 || query.size(1) == tokens) && query.size(2) == d),
-              "dar::mix: query must be [d] or [1 or B, 1 or T, d] for sources [B, T, d] = ", sources[0].sizes());
-  if (query.dim() == 3 && query.size(0) == batch && query.size(1) == tokens) {
-    return {query.to(accumulation).contiguous(), gain.to(accumulation).contiguous()};
+  TORCH_CHECK(!queries.empty() && queries.size() == gains.size(), "dar::mix: one gain per query");
+  std::vector<at::Tensor> query_gains;
+  for (size_t c = 0; c < queries.size(); ++c) {
+    const auto &query = queries[c], &gain = gains[c];
+    TORCH_CHECK(query.device().is_cpu() && gain.device().is_cpu(), "dar::mix: query and gain must be CPU tensors");
+    TORCH_CHECK(gain.dim() == 1 && gain.size(0) == d, "dar::mix: gain must be [d], d = ", d);
+    TORCH_CHECK((query.dim() == 1 && query.size(0) == d) ||
+                    (query.dim() == 3 && (query.size(0) == 1 || query.size(0) == batch) &&
+                     (query.size(1) == 1 || query.size(1) == tokens) && query.size(2) == d),
+                "dar::mix: query must be [d] or [1 or B, 1 or T, d] for sources [B, T, d] = ", sources[0].sizes());
+    TORCH_CHECK(query.sizes() == queries[0].sizes(), "dar::mix: the queries of a group must have one shape");
+    if (query.dim() == 3 && query.size(0) == batch && query.size(1) == tokens && tokens > 1) {
+      TORCH_CHECK(queries.size() == 1, "dar::mix: a per-token query cannot be grouped");
+      return {query.to(accumulation).contiguous().unsqueeze(0), gain.to(accumulation).contiguous()};
+    }
+    query_gains.push_back((query.to(accumulation) * gain.to(accumulation))
+                              .reshape({query.dim() == 1 ? 1 : query.size(0), query.dim() == 1 ? 1 : query.size(1), d}));
   }
-  return {(query.to(accumulation) * gain.to(accumulation))
-              .reshape({query.dim() == 1 ? 1 : query.size(0), query.dim() == 1 ? 1 : query.size(1), d})
-              .contiguous(),
-          at::Tensor()};
+  return {at::stack(query_gains).contiguous(), at::Tensor()};
 }
 
 at::ScalarType accumulation_type(const at::Tensor& source) {
   return source.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector<at::Tensor>& sources,
-                                                               const at::Tensor& query, const at::Tensor& gain,
-                                                               double eps) {
+// Eq. 5 for a group of G consumers that read the same sources, each with its own query and gain, and, for one
+// consumer, optionally a prefix: P (the mix of the sources it read before, as a group's first consumer computed
+// it) and its lse, one more item whose logit is that lse. Returns each consumer's mix of these sources (its h, or
+// for a group's later member its prefix P), their lse [G, B, T], and alpha, z [B, T, G, items] and r [B, T, N].
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix_group(
+    const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& queries,
+    const std::vector<at::Tensor>& gains, const std::optional<at::Tensor>& prefix,
+    const std::optional<at::Tensor>& prefix_logit, double eps) {
   check_sources(sources);
   const auto& first = sources[0];
-  const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(first));
-  auto stats_options = first.options().dtype(accumulation_type(first));
-  auto h = at::empty(first.sizes(), stats_options);
-  auto alpha = at::empty({static_cast<int64_t>(sources.size()), first.size(0), first.size(1)}, stats_options);
-  auto logits = at::empty_like(alpha), inv_rms = at::empty_like(alpha);
+  const auto accumulation = accumulation_type(first);
+  const auto query_gain = query_gain_of(sources, queries, gains, accumulation);
+  const int64_t consumers = queries.size(), n = sources.size();
+  TORCH_CHECK(prefix.has_value() == prefix_logit.has_value() && (!prefix.has_value() || consumers == 1),
+              "dar::mix: a prefix needs its logit, and only one consumer reads it");
+  at::Tensor prefix_rows, prefix_z;
+  if (prefix.has_value()) {
+    prefix_rows = prefix->to(accumulation).contiguous();
+    prefix_z = prefix_logit->to(accumulation).contiguous();
+    TORCH_CHECK(prefix->device().is_cpu() && prefix_rows.sizes() == first.sizes() &&
+                    prefix_logit->device().is_cpu() && prefix_z.numel() == first.size(0) * first.size(1),
+                "dar::mix: the prefix must be a CPU tensor [B, T, d] and its logit [B, T]");
+  }
+  auto stats_options = first.options().dtype(accumulation);
+  std::vector<at::Tensor> outputs;
+  for (int64_t c = 0; c < consumers; ++c) outputs.push_back(at::empty(first.sizes(), stats_options));
+  auto lse = at::empty({consumers, first.size(0), first.size(1)}, stats_options);
+  auto alpha = at::empty({first.size(0), first.size(1), consumers, n + prefix.has_value()}, stats_options);
+  auto logits = at::empty_like(alpha), inv_rms = at::empty({first.size(0), first.size(1), n}, stats_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "dar::mix", [&] {
-    mix_forward<scalar_t>(sources, query_gain, eps, h, alpha, logits, inv_rms);
+    mix_forward<scalar_t>(sources, query_gain, prefix_rows, prefix_z, eps, outputs, lse, alpha, logits, inv_rms);
   });
-  return {h, alpha, logits, inv_rms};
+  return {outputs, lse, alpha, logits, inv_rms};
 }
 
-// dL/dq and dL/dg, with dL/ds_i written into grad_sources[i] (added to it where accumulate[i]): dq = g dL/d(q g),
-// summed over the tokens that share the query (all of them: static; a sample's: timestep; none: dynamic), and
-// dg = q dL/d(q g) summed over every token.
-std::tuple<at::Tensor, at::Tensor> mix_backward_into(
-    const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
-    const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h,
-    const std::vector<at::Tensor>& grad_sources, const c10::List<bool>& accumulate_flags) {
+// The backward of mix_group: dL/ds_i written into grad_sources[i] (added to it where accumulate[i]); returns each
+// consumer's dL/dq and dL/dg, and with a prefix (prefixed_h, the consumer's h, given) [dL/dP, dL/dlse_P]. dq =
+// g dL/d(q g), summed over the tokens that share the query (all of them: static; a sample's: timestep; none:
+// dynamic), and dg = q dL/d(q g) summed over every token. grad_lse: dL/dlse [G, B, T], or none.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> mix_group_backward_into(
+    const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& queries,
+    const std::vector<at::Tensor>& gains, const std::optional<at::Tensor>& prefixed_h, const at::Tensor& alpha,
+    const at::Tensor& logits, const at::Tensor& inv_rms, const std::vector<at::Tensor>& grad_outputs,
+    const std::optional<at::Tensor>& grad_lse, const std::vector<at::Tensor>& grad_sources,
+    const c10::List<bool>& accumulate_flags) {
   const std::vector<char> accumulate(accumulate_flags.begin(), accumulate_flags.end());
   check_sources(sources);
   check_sources(grad_sources);
   TORCH_CHECK(grad_sources.size() == sources.size() && accumulate.size() == sources.size() &&
                   grad_sources[0].sizes() == sources[0].sizes() &&
                   grad_sources[0].scalar_type() == sources[0].scalar_type(),
-              "dar::mix_backward_into: one gradient buffer like each source, and one accumulate flag each");
-  const auto query_gain = query_gain_of(sources, query, gain, accumulation_type(sources[0]));
+              "dar::mix_group_backward_into: one gradient buffer like each source, and one accumulate flag each");
+  const auto query_gain = query_gain_of(sources, queries, gains, accumulation_type(sources[0]));
   const auto& qg = query_gain.query;
-  const int64_t tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
+  const int64_t batch = sources[0].size(0), tokens = batch * sources[0].size(1), d = sources[0].size(2);
+  const int64_t consumers = queries.size(), n = sources.size(), items = n + prefixed_h.has_value();
+  const auto stats = [&](const at::Tensor& t, at::IntArrayRef sizes) {
+    return t.is_contiguous() && t.scalar_type() == qg.scalar_type() && t.device().is_cpu() && t.sizes() == sizes;
+  };
+  TORCH_CHECK(stats(alpha, {batch, sources[0].size(1), consumers, items}) && stats(logits, alpha.sizes()) &&
+                  stats(inv_rms, {batch, sources[0].size(1), n}),
+              "dar::mix_group_backward_into: alpha and logits must be mix_group's [B, T, G, items], inv_rms [B, T, N]");
+  TORCH_CHECK(grad_outputs.size() == queries.size() && (!grad_lse.has_value() || grad_lse->numel() == consumers * tokens),
+              "dar::mix_group_backward_into: one output gradient per consumer, and dL/dlse [G, B, T]");
   // at least one block per thread, and short float sums: at most kTokensPerBlock terms before the blocks are added
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
       tokens, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
   const bool per_token = query_gain.per_token();
-  auto per_block = per_token ? at::Tensor() : at::zeros({blocks, qg.size(0), qg.size(1), d}, qg.options());
+  auto per_block = per_token ? at::Tensor() : at::zeros({blocks, qg.size(0), qg.size(1), qg.size(2), d}, qg.options());
   auto grad_query_rows = per_token ? at::empty(qg.sizes(), qg.options()) : at::Tensor();
   auto grad_gain_blocks = per_token ? at::zeros({blocks, d}, qg.options()) : at::Tensor();
-  const auto dh = grad_h.to(qg.scalar_type()).contiguous();
+  std::vector<at::Tensor> dhs;
+  for (const auto& g : grad_outputs) dhs.push_back(g.to(qg.scalar_type()).contiguous());
+  const auto dlse = grad_lse.has_value() ? grad_lse->to(qg.scalar_type()).contiguous() : at::Tensor();
+  const auto h = prefixed_h.has_value() ? prefixed_h->to(qg.scalar_type()).contiguous() : at::Tensor();
+  TORCH_CHECK(!h.defined() || (h.device().is_cpu() && h.sizes() == sources[0].sizes()),
+              "dar::mix_group_backward_into: prefixed_h must be the consumer's h, [B, T, d]");
+  std::vector<at::Tensor> grad_prefix;
+  if (h.defined()) grad_prefix = {at::empty(h.sizes(), qg.options()), at::empty({h.size(0), h.size(1)}, qg.options())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
-    mix_backward<scalar_t>(sources, query_gain, h.contiguous(), alpha, logits, inv_rms, dh, grad_sources, accumulate,
+    mix_backward<scalar_t>(sources, query_gain, h, alpha, logits, inv_rms, dhs, dlse, grad_sources, accumulate,
+                           h.defined() ? grad_prefix[0] : at::Tensor(), h.defined() ? grad_prefix[1] : at::Tensor(),
                            per_block, grad_query_rows, grad_gain_blocks, blocks);
   });
+  std::vector<at::Tensor> grad_queries, grad_gains;
   if (per_token) {
-    return {grad_query_rows.to(query.scalar_type()), grad_gain_blocks.sum(0).to(gain.scalar_type())};
+    grad_queries.push_back(grad_query_rows[0].to(queries[0].scalar_type()));
+    grad_gains.push_back(grad_gain_blocks.sum(0).to(gains[0].scalar_type()));
+    return {grad_queries, grad_gains, grad_prefix};
   }
-  const auto grad_query_gain = per_block.sum(0).reshape(query.sizes());
-  const auto grad_query = (grad_query_gain * gain).to(query.scalar_type());
-  const auto grad_gain = (grad_query_gain * query).reshape({-1, gain.size(0)}).sum(0).to(gain.scalar_type());
-  return {grad_query, grad_gain};
+  const auto grad_query_gains = per_block.sum(0);
+  for (int64_t c = 0; c < consumers; ++c) {
+    const auto grad_query_gain = grad_query_gains[c].reshape(queries[c].sizes());
+    grad_queries.push_back((grad_query_gain * gains[c]).to(queries[c].scalar_type()));
+    grad_gains.push_back((grad_query_gain * queries[c]).reshape({-1, d}).sum(0).to(gains[c].scalar_type()));
+  }
+  return {grad_queries, grad_gains, grad_prefix};
 }
 
-// (dL/ds_i for every source, dL/dq, dL/dg) in fresh tensors: the functional op that autograd and torch.compile see.
+// The functional ops of one consumer, which autograd and torch.compile see: (h, alpha, z, r), alpha and z [B, T, N].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mix(const std::vector<at::Tensor>& sources,
+                                                               const at::Tensor& query, const at::Tensor& gain,
+                                                               double eps) {
+  auto [outputs, lse, alpha, logits, inv_rms] = mix_group(sources, {query}, {gain}, std::nullopt, std::nullopt, eps);
+  return {outputs[0], alpha.select(2, 0), logits.select(2, 0), inv_rms};
+}
+
+// (dL/ds_i for every source, dL/dq, dL/dg) in fresh tensors.
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> mix_backward_op(
-    const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& h,
-    const at::Tensor& alpha, const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h) {
+    const std::vector<at::Tensor>& sources, const at::Tensor& query, const at::Tensor& gain, const at::Tensor& alpha,
+    const at::Tensor& logits, const at::Tensor& inv_rms, const at::Tensor& grad_h) {
   std::vector<at::Tensor> grad_sources;
   for (const auto& s : sources) grad_sources.push_back(at::empty_like(s));
   c10::List<bool> overwrite;
   for (size_t i = 0; i < sources.size(); ++i) overwrite.push_back(false);
-  auto [grad_query, grad_gain] = mix_backward_into(sources, query, gain, h, alpha, logits, inv_rms, grad_h,
-                                                   grad_sources, overwrite);
-  return {grad_sources, grad_query, grad_gain};
+  auto [grad_queries, grad_gains, grad_prefix] = mix_group_backward_into(
+      sources, {query}, {gain}, std::nullopt, alpha.unsqueeze(2), logits.unsqueeze(2), inv_rms, {grad_h},
+      std::nullopt, grad_sources, overwrite);
+  return {grad_sources, grad_queries[0], grad_gains[0]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dar, m) {
   m.def("mix(Tensor[] sources, Tensor query, Tensor gain, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("mix_backward(Tensor[] sources, Tensor query, Tensor gain, Tensor h, Tensor alpha, Tensor logits, "
-        "Tensor inv_rms, Tensor grad_h) -> (Tensor[], Tensor, Tensor)");
-  m.def("mix_backward_into(Tensor[] sources, Tensor query, Tensor gain, Tensor h, Tensor alpha, Tensor logits, "
-        "Tensor inv_rms, Tensor grad_h, Tensor(a!)[] grad_sources, bool[] accumulate) -> (Tensor, Tensor)");
+  m.def("mix_backward(Tensor[] sources, Tensor query, Tensor gain, Tensor alpha, Tensor logits, Tensor inv_rms, "
+        "Tensor grad_h) -> (Tensor[], Tensor, Tensor)");
+  m.def("mix_group(Tensor[] sources, Tensor[] queries, Tensor[] gains, Tensor? prefix, Tensor? prefix_logit, "
+        "float eps) -> (Tensor[], Tensor, Tensor, Tensor, Tensor)");
+  m.def("mix_group_backward_into(Tensor[] sources, Tensor[] queries, Tensor[] gains, Tensor? prefixed_h, Tensor alpha, "
+        "Tensor logits, Tensor inv_rms, Tensor[] grad_outputs, Tensor? grad_lse, Tensor(a!)[] grad_sources, "
+        "bool[] accumulate) -> (Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(dar, CPU, m) {
   m.impl("mix", &mix);
   m.impl("mix_backward", &mix_backward_op);
-  m.impl("mix_backward_into", &mix_backward_into);
+  m.impl("mix_group", &mix_group);
+  m.impl("mix_group_backward_into", &mix_group_backward_into);
 }

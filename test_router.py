@@ -40,6 +40,30 @@ def batch(n=4, dtype=torch.float64, seed=2):
     return x, t, y
 
 
+def spy_on_mixing(monkeypatch):
+    """A list that gets (sources, gradient_sums) for every DAR consumer that mixes its sources, whichever way:
+    router.mix_sources (one consumer), or router.cpu_dar_mix_group for a group of consumers (one entry per member,
+    made at the group's first call, to which each later member's own call adds its newer sources)."""
+    mixed, members = [], []  # members: the entries of the current group still waiting for their newer sources
+    mix_sources, mix_group = router.mix_sources, router.cpu_dar_mix_group
+
+    def mix_one(sources, *args, gradient_sums=None, **kwargs):
+        mixed.append((sources, gradient_sums))
+        return mix_sources(sources, *args, gradient_sums=gradient_sums, **kwargs)
+
+    def mix_in_group(sources, queries, gains, gradient_sums=None, prefix=None):
+        if prefix is None:
+            members[:] = range(len(mixed) + 1, len(mixed) + len(queries))
+            mixed.extend([(sources, gradient_sums)] * len(queries))
+        else:
+            shared, shared_sums = mixed[members[0]]
+            mixed[members.pop(0)] = ([*shared, *sources], shared_sums and [*shared_sums, *gradient_sums])
+        return mix_group(sources, queries, gains, gradient_sums, prefix)
+    monkeypatch.setattr(router, "mix_sources", mix_one)
+    monkeypatch.setattr(router, "cpu_dar_mix_group", mix_in_group)
+    return mixed
+
+
 #################################################################################
 #               Independent reference: SiT with an explicit source list          #
 #################################################################################
@@ -394,13 +418,10 @@ def test_residual_weights_load_into_dar_with_fresh_router(query):
 def test_under_autocast_every_source_is_bf16(kernel, monkeypatch):
     """v_0 comes out of the patch embedding in float32 (the position embedding is): the router casts it once."""
     model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel=kernel))
-    dtypes = []
-    mix = router.mix_sources
-    monkeypatch.setattr(router, "mix_sources", lambda sources, *args, **kwargs: dtypes.append(
-        {s.dtype for s in sources}) or mix(sources, *args, **kwargs))
+    mixed = spy_on_mixing(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(*batch(dtype=torch.float32)).float().pow(2).mean().backward()
-    assert dtypes == [{torch.bfloat16}] * (2 * DEPTH)  # consumers 2..2L+1
+    assert [{s.dtype for s in sources} for sources, _ in mixed] == [{torch.bfloat16}] * (2 * DEPTH)  # consumers 2..2L+1
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -409,13 +430,10 @@ def test_every_source_is_contiguous(precision, monkeypatch):
     that no consumer reads it against the grain (and the C++ kernel, which needs contiguous sources, never
     copies it)."""
     model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32))
-    layouts = []
-    mix = router.mix_sources
-    monkeypatch.setattr(router, "mix_sources", lambda sources, *args, **kwargs: layouts.append(
-        all(s.is_contiguous() for s in sources)) or mix(sources, *args, **kwargs))
+    mixed = spy_on_mixing(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         model(*batch(dtype=torch.float32))
-    assert layouts == [True] * (2 * DEPTH)
+    assert [all(s.is_contiguous() for s in sources) for sources, _ in mixed] == [True] * (2 * DEPTH)
 
 
 @pytest.mark.parametrize("make,match", [

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import router
 from router import Trace, cpu_dar_mix, dar_mix
-from test_router import DEPTH, WIDTH, batch, perturb, tiny
+from test_router import DEPTH, WIDTH, batch, perturb, spy_on_mixing, tiny
 
 
 def mix_inputs(kind, n=4, batch=2, tokens=3, dim=5, dtype=torch.float64, seed=0):
@@ -152,36 +152,38 @@ def test_the_kernel_build_follows_the_cpu_vector_capability(monkeypatch):
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
     """Whole models (every sublayer and the final aggregator): the same output and parameter gradients."""
     models = {kernel: perturb(tiny("dar", query, chunk, kernel=kernel)) for kernel in ("torch", "cpu")}
-    summed = []  # per call: does the kernel add the source gradients up itself (SourceGradient)?
-    monkeypatch.setattr(router, "cpu_dar_mix", lambda *args, gradient_sums=None: summed.append(
-        gradient_sums is not None) or cpu_dar_mix(*args, gradient_sums=gradient_sums))
+    mixed = spy_on_mixing(monkeypatch)
     x, t, y = batch()
     outputs = {}
     for kernel, model in models.items():
+        mixed.clear()
         torch.manual_seed(0)  # the label dropout
         outputs[kernel] = model(x, t, y)
         F.mse_loss(outputs[kernel], x).backward()
-    assert summed == [True] * (2 * DEPTH)  # consumers 2..2L+1: sublayer 1 reads v_0 alone
+    # consumers 2..2L+1 (sublayer 1 reads v_0 alone), each adding its source gradients up itself (SourceGradient)
+    assert [gradient_sums is not None for _, gradient_sums in mixed] == [True] * (2 * DEPTH)
     torch.testing.assert_close(outputs["cpu"], outputs["torch"], rtol=0, atol=1e-12)
     for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
         if p_ref.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-by-one", "in-groups"])
 @pytest.mark.parametrize("chunk", [1, 4])
-def test_the_kernel_adds_up_each_source_gradient_in_one_buffer(chunk, monkeypatch):
-    """Eager training with the C++ kernel: each consumer's backward writes (the first) or adds (the others) its
-    dL/ds_i into the source's one buffer, so autograd adds no gradients per (consumer, source) pair."""
+def test_the_kernel_adds_up_each_source_gradient_in_one_buffer(chunk, grouped, monkeypatch):
+    """Eager training with the C++ kernel: each consumer's backward (or a group's, once for all its members)
+    writes (the first) or adds (the others) its dL/ds_i into the source's one buffer, so autograd adds no
+    gradients per (consumer, source) pair. (A Trace makes every consumer mix alone.)"""
     model = perturb(tiny("dar", "static", chunk, kernel="cpu"))
     flags = {}  # SourceGradient -> the accumulate flag of each consumer's backward, in order
     buffer_for = router.SourceGradient.buffer_for
     monkeypatch.setattr(router.SourceGradient, "buffer_for", lambda self, source: flags.setdefault(self, []).append(
         buffer_for(self, source)[1]) or (self.total, flags[self][-1]))
-    trace = Trace()
     x, t, y = batch()
-    F.mse_loss(model(x, t, y, trace=trace), x).backward()
-    readers = [a.shape[-1] for a in trace.alpha[1:]]  # the sources of consumers 2..2L+1
-    assert sum(len(f) for f in flags.values()) == sum(readers)
+    F.mse_loss(model(x, t, y, trace=None if grouped else Trace()), x).backward()
+    readers = sum(len(router.chunk_sources(l, DEPTH, chunk)) for l in range(2, 2 * DEPTH + 2))  # consumers 2..2L+1
+    writes = sum(len(f) for f in flags.values())
+    assert writes < readers if grouped else writes == readers
     assert all(f == [False] + [True] * (len(f) - 1) for f in flags.values())
     assert all(gradient_sum.total is None for gradient_sum in flags)  # every total handed to autograd, none kept
 
@@ -210,14 +212,13 @@ def test_sources_that_need_no_gradient_get_no_gradient_sum(monkeypatch):
     models = {kernel: perturb(tiny("dar", "static", 2, kernel=kernel)) for kernel in ("torch", "cpu")}
     for model in models.values():
         model.x_embedder.requires_grad_(False)
-    summed = []
-    monkeypatch.setattr(router, "cpu_dar_mix", lambda *args, gradient_sums=None: summed.append(
-        gradient_sums is not None) or cpu_dar_mix(*args, gradient_sums=gradient_sums))
+    mixed = spy_on_mixing(monkeypatch)
     x, t, y = batch()
     for model in models.values():
+        mixed.clear()
         torch.manual_seed(0)
         F.mse_loss(model(x, t, y), x).backward()
-    assert summed == [False] * (2 * DEPTH)
+    assert [gradient_sums is not None for _, gradient_sums in mixed] == [False] * (2 * DEPTH)
     for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
         if p_ref.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
@@ -225,30 +226,135 @@ def test_sources_that_need_no_gradient_get_no_gradient_sum(monkeypatch):
         assert models["cpu"].router.start(torch.zeros(1, 4, WIDTH, dtype=torch.float64), None).gradient_sums is None
 
 
-def test_a_backward_pass_that_stops_short_leaves_no_gradient_sum_behind():
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-by-one", "in-groups"])
+def test_a_backward_pass_that_stops_short_leaves_no_gradient_sum_behind(grouped):
     """torch.autograd.grad of an intermediate h with retain_graph runs only the consumers after h: the sums it
-    leaves in the sources before h must not be added to by the next backward pass."""
+    leaves in the sources before h must not be added to by the next backward pass. (A Trace, which asks for the
+    routing weights, makes every consumer mix alone; the REPA hook does not.)"""
     models = {kernel: perturb(tiny("dar", "static", 2, kernel=kernel)) for kernel in ("torch", "cpu")}
     x, t, y = batch()
     for model in models.values():
-        trace = Trace()
-        loss = F.mse_loss(model(x, t, y, trace=trace), x)
-        torch.autograd.grad(loss, trace.hidden[1], retain_graph=True)
+        trace = None if grouped else Trace()
+        out, hidden = model(x, t, y, return_hidden=2, trace=trace)
+        loss = F.mse_loss(out, x)
+        torch.autograd.grad(loss, hidden, retain_graph=True)
         loss.backward()
     for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
         if p_ref.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("dtype, tolerance, tokens", [(torch.float64, 1e-10, 5), (torch.float64, 1e-10, 300),
+                                                      (torch.bfloat16, 2e-2, 5)])
+@pytest.mark.parametrize("kind", ["static", "timestep"])
+def test_a_group_mixes_as_each_consumer_alone(kind, dtype, tolerance, tokens):
+    """cpu_dar_mix_group: three consumers read the same four sources in one pass; the third one's h, mixed with two
+    newer sources after the group's prefix (P, lse), is then that of a consumer of all six. h and every gradient
+    as dar_mix's over each consumer's whole source list (sources in dtype, queries and gains in float32 for bf16;
+    300 tokens: the backward's token blocks, each summing its own share of the query gradients)."""
+    gen = torch.Generator().manual_seed(3)
+    query, gain, *sources = mix_inputs(kind, n=6, batch=2, tokens=tokens, dim=8)
+    parameter_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    queries = [q.detach().to(parameter_dtype).requires_grad_() for q in (query, -query, query.roll(1, -1))]
+    gains = [(g.detach() + 0.3 * torch.randn(g.shape, generator=gen, dtype=g.dtype)).to(parameter_dtype).requires_grad_()
+             for g in (gain, gain, gain)]
+    sources = [s.detach().to(dtype).requires_grad_() for s in sources]
+    gradient_sums = [router.SourceGradient() for _ in sources]
+    read = [g.collect(s) for g, s in zip(gradient_sums, sources)]
+    outputs, lse = router.cpu_dar_mix_group(read[:4], queries, gains, gradient_sums[:4])
+    (third,), _ = router.cpu_dar_mix_group(read[4:], queries[2:], gains[2:], gradient_sums[4:], prefix=(outputs[2], lse[2]))
+    hs = [outputs[0], outputs[1], third]
+    refs = [dar_mix(sources[:4], queries[0], gains[0])[0], dar_mix(sources[:4], queries[1], gains[1])[0],
+            dar_mix(sources, queries[2], gains[2])[0]]
+    leaves = [*queries, *gains, *sources]
+    weights = [torch.randn(h.shape, generator=gen, dtype=h.dtype) for h in hs]
+    grads = torch.autograd.grad(sum((w * h).sum() for w, h in zip(weights, hs)), leaves)
+    grads_ref = torch.autograd.grad(sum((w * h).sum() for w, h in zip(weights, refs)), leaves)
+    for h, h_ref in zip(hs, refs):
+        torch.testing.assert_close(h, h_ref, rtol=tolerance, atol=tolerance)
+    for grad, grad_ref, leaf in zip(grads, grads_ref, leaves):
+        assert grad.dtype == leaf.dtype
+        torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kind", ["static", "timestep"])
+def test_a_group_passes_gradcheck_with_every_output_read(kind):
+    """float64 gradcheck of a group's call and a later member's call, every output read, the lse of each too (the
+    route reads only the later members' lse; a wrong gradient of any output would show here)."""
+    gen = torch.Generator().manual_seed(4)
+    query, gain, *sources = mix_inputs(kind, n=4, batch=2, tokens=3, dim=5)
+    queries = [query, (3 * torch.randn(query.shape, generator=gen, dtype=query.dtype)).requires_grad_()]
+    gains = [gain, (1 + 0.5 * torch.randn(gain.shape, generator=gen, dtype=gain.dtype)).requires_grad_()]
+
+    def group_and_member(*leaves):
+        queries, gains, sources = leaves[:2], leaves[2:4], leaves[4:]
+        gradient_sums = [router.SourceGradient() for _ in sources]
+        read = [g.collect(s) for g, s in zip(gradient_sums, sources)]
+        outputs, lse = router.cpu_dar_mix_group(read[:3], queries, gains, gradient_sums[:3])
+        (h,), lse_h = router.cpu_dar_mix_group(read[3:], queries[1:], gains[1:], gradient_sums[3:],
+                                               prefix=(outputs[1], lse[1]))
+        return outputs[0], outputs[1], lse, h, lse_h
+    assert torch.autograd.gradcheck(group_and_member, [*queries, *gains, *sources])
+
+
+def test_cpu_dar_mix_group_refuses_what_it_cannot_do():
+    """Clear errors: a gradient without the buffers it adds into, sources of two dtypes, a per-token query in a
+    group of several consumers."""
+    query, gain, *sources = mix_inputs("static")
+    with pytest.raises(ValueError, match="gradient_sums are required"):
+        router.cpu_dar_mix_group(sources, [query], [gain])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="sources of one dtype"):
+            router.cpu_dar_mix_group([sources[0], sources[1].float()], [query], [gain])
+        per_token, _, *_ = mix_inputs("dynamic")
+        with pytest.raises(RuntimeError, match="a per-token query cannot be grouped"):
+            router.cpu_dar_mix_group(sources, [per_token, per_token], [gain, gain])
+
+
+# The group sizes of a 3-block model: consumers 2..7 in groups, cut at GROUP_SIZE and wherever a chunk's summary
+# replaces its raw outputs (a consumer left alone mixes by itself); with chunk 2, consumer 2 is left alone.
+GROUPS = {(1, 2): [2, 2, 2], (1, 3): [3, 3], (1, 8): [6], (2, 2): [2, 2], (2, 3): [3, 2], (2, 8): [5],
+          (5, 2): [2, 2, 2], (5, 3): [3, 2], (5, 8): [4, 2]}
+
+
+@pytest.mark.parametrize("query", ["static", "timestep"])
+@pytest.mark.parametrize("chunk, group_size", GROUPS)
+def test_consumers_in_groups_route_and_train_as_the_torch_kernel(chunk, group_size, query, monkeypatch):
+    """Consumers whose sources start with the same ones mix those in one pass per group (DARRoute._group): the
+    groups expected, and the torch kernel's outputs and gradients, with grad (training) and without (sampling)."""
+    monkeypatch.setattr(router, "GROUP_SIZE", group_size)
+    models = {kernel: perturb(tiny("dar", query, chunk, kernel=kernel)) for kernel in ("torch", "cpu")}
+    groups, mix_group = [], router.cpu_dar_mix_group
+    monkeypatch.setattr(router, "cpu_dar_mix_group", lambda sources, queries, *args, prefix=None: (
+        prefix is None and groups.append(len(queries))) or mix_group(sources, queries, *args, prefix=prefix))
+    x, t, y = batch()
+    outputs = {}
+    for kernel, model in models.items():
+        torch.manual_seed(0)
+        outputs[kernel] = model(x, t, y)
+        F.mse_loss(outputs[kernel], x).backward()
+    assert groups == GROUPS[chunk, group_size]
+    torch.testing.assert_close(outputs["cpu"], outputs["torch"], rtol=0, atol=1e-12)
+    for (name, p), p_ref in zip(models["cpu"].named_parameters(), models["torch"].parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+    with torch.no_grad():
+        groups.clear()
+        sampled = [model.eval()(x, t, y) for model in models.values()]
+    assert groups == GROUPS[chunk, group_size]
+    torch.testing.assert_close(sampled[1], sampled[0], rtol=0, atol=1e-12)
+
+
 def test_bf16_sources_are_saved_as_they_are():
-    """bf16 sources, float32 routing parameters (autocast): the backward keeps the sources and h, no float32 copy."""
+    """bf16 sources, float32 routing parameters (autocast): the backward keeps the sources as they are, no float32
+    copy (and not h: dh . h is summed from the dh . s_i the backward computes anyway)."""
     query, gain, *sources = mix_inputs("dynamic", n=5, dim=16, dtype=torch.float32)
     sources = [s.detach().bfloat16().requires_grad_() for s in sources]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         h, _ = cpu_dar_mix(sources, query, gain)
     big = {t.data_ptr(): t.dtype for t in saved if t.shape == h.shape and t is not query}  # the query is [B, T, d]
-    assert big == {h.data_ptr(): torch.float32, **{s.data_ptr(): torch.bfloat16 for s in sources}}
+    assert big == {s.data_ptr(): torch.bfloat16 for s in sources}
     h_ref, _ = dar_mix(sources, query, gain)
     grads = torch.autograd.grad(h, [query, gain, *sources], torch.ones_like(h))
     grads_ref = torch.autograd.grad(h_ref, [query, gain, *sources], torch.ones_like(h))
