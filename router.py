@@ -430,7 +430,7 @@ class DARRoute(Route):
 
 
 #################################################################################
-#             dar: Eq. 5 by a compiled C++ kernel, the custom op dar::mix         #
+#      dar: Eq. 5 by a compiled C++ kernel, the custom ops dar::mix, dar::mix_group      #
 #################################################################################
 
 def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
@@ -440,9 +440,9 @@ def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
     memory that allocates a fresh temporary; on a CPU that traffic, not the arithmetic, is what DAR costs.
     The kernel works one token at a time: each source's d features are read from memory once, and the norm,
     logit, softmax and weighted sum (forward) or every gradient (backward, written by hand: the formulas are
-    in router_cpu.cpp) work on them in cache. It is the custom op dar::mix with its autograd registered, so
-    that torch.compile captures a whole DAR model and calls it as it is. bf16/fp16 sources are read as they
-    are and accumulated in float32. The kernel is compiled the first time it is needed (cpu_kernel_available).
+    in router_cpu.cpp) work on them in cache. Without gradient sums it is the custom op dar::mix with its autograd
+    registered, so that torch.compile captures a whole DAR model and calls it as it is. bf16/fp16 sources are read
+    as they are and accumulated in float32. The kernel is compiled the first time it is needed (cpu_kernel_available).
 
     gradient_sums: None, or one SourceGradient per source, each source being its SourceGradient's `collect`. The
     backward then adds dL/ds_i into gradient_sums[i] instead of returning it (eager mode: _MixGroup, a group of one).

@@ -5,9 +5,9 @@
 // defines the ops below. dar::mix and dar::mix_backward are one consumer's functional ops: router.py registers
 // their shapes and dar::mix's autograd (what torch.compile sees), and router.cpu_dar_mix calls dar::mix without
 // gradient sums (no grad, torch.compile, a source that needs no gradient).
-// dar::mix_group and dar::mix_group_backward_into are what eager mode calls (router._MixGroup): the backward adds
-// each dL/ds_i into one buffer per source (router.SourceGradient) instead of returning a fresh tensor for
-// autograd to add up, and one call can mix for a group of consumers (below). The readable reference is
+// dar::mix_group and dar::mix_group_backward_into are what eager training and groups call (router._MixGroup):
+// the backward adds each dL/ds_i into one buffer per source (router.SourceGradient) instead of returning a fresh
+// tensor for autograd to add up, and one call can mix for a group of consumers (below). The readable reference is
 // router.dar_mix.
 //
 // Why C++: eager PyTorch computes Eq. 5 as about ten passes over memory per (consumer, source) pair, each
@@ -286,7 +286,8 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
             const acc_t *q = c == 0 ? q0 : query.at(c, token), *dh = dhs[c] + token * d;
             acc_t* gq = gain ? row_grad.data() : block_grad + (query.at(c, token) - query.data);  // this token's row
             const acc_t ai = a[(token * consumers + c) * items + first + i], dzi = dz[c * n + i];
-            const acc_t cq = dzi * ri * scale, rms_term = dzi * z[(token * consumers + c) * items + first + i] * ri * ri / d;
+            const acc_t zi = z[(token * consumers + c) * items + first + i];
+            const acc_t cq = dzi * ri * scale, rms_term = dzi * zi * ri * ri / d;
             if (consumers == 1 && accumulate[i]) {
               source_gradient_row<true>(gs, s, dh, q, gq, ai, cq, rms_term, d);
             } else if (consumers == 1) {
@@ -346,8 +347,9 @@ QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const std::vecto
       TORCH_CHECK(queries.size() == 1, "dar::mix: a per-token query cannot be grouped");
       return {query.to(accumulation).contiguous().unsqueeze(0), gain.to(accumulation).contiguous()};
     }
-    query_gains.push_back((query.to(accumulation) * gain.to(accumulation))
-                              .reshape({query.dim() == 1 ? 1 : query.size(0), query.dim() == 1 ? 1 : query.size(1), d}));
+    const int64_t query_batch = query.dim() == 1 ? 1 : query.size(0);
+    const int64_t query_tokens = query.dim() == 1 ? 1 : query.size(1);
+    query_gains.push_back((query.to(accumulation) * gain.to(accumulation)).reshape({query_batch, query_tokens, d}));
   }
   return {at::stack(query_gains).contiguous(), at::Tensor()};
 }
@@ -418,8 +420,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   TORCH_CHECK(stats(alpha, {batch, sources[0].size(1), consumers, items}) && stats(logits, alpha.sizes()) &&
                   stats(inv_rms, {batch, sources[0].size(1), n}),
               "dar::mix_group_backward_into: alpha and logits must be mix_group's [B, T, G, items], inv_rms [B, T, N]");
-  TORCH_CHECK(grad_outputs.size() == queries.size() && (!grad_lse.has_value() || grad_lse->numel() == consumers * tokens),
-              "dar::mix_group_backward_into: one output gradient per consumer, and dL/dlse [G, B, T]");
+  TORCH_CHECK(grad_outputs.size() == queries.size(), "dar::mix_group_backward_into: one output gradient per consumer");
+  TORCH_CHECK(!grad_lse.has_value() || grad_lse->numel() == consumers * tokens,
+              "dar::mix_group_backward_into: dL/dlse must be [G, B, T]");
   // at least one block per thread, and short float sums: at most kTokensPerBlock terms before the blocks are added
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
       tokens, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));

@@ -3,6 +3,7 @@ source-gradient buffers of eager training, and torch.compile of a model that cal
 
 Run: python -m pytest -q test_router_cpu.py
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,17 @@ import torch.nn.functional as F
 import router
 from router import Trace, cpu_dar_mix, dar_mix
 from test_router import DEPTH, WIDTH, batch, perturb, spy_on_mixing, tiny
+
+
+@contextlib.contextmanager
+def on_threads(threads):
+    """torch's CPU thread count, for the kernel's parallel loops, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def mix_inputs(kind, n=4, batch=2, tokens=3, dim=5, dtype=torch.float64, seed=0):
@@ -78,16 +90,12 @@ def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind, summed):
     """The kernel splits the tokens over threads and each thread sums its own share of the query gradient:
     every thread's share must reach dL/dq and dL/dg. Two consumers read the same sources, so that with
     gradient sums the second one's backward adds into the buffers the first one's wrote."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with on_threads(2):
         query, gain, *sources = leaves = mix_inputs(kind, n=5, batch=3, tokens=50, dim=24)
         gradient_sums = [router.SourceGradient() for _ in sources] if summed else None
         read = [g.collect(s) for g, s in zip(gradient_sums, sources)] if summed else sources
         h = sum(cpu_dar_mix(read, q, gain, gradient_sums=gradient_sums)[0] for q in (query, 2 * query)) / 2
         grads = torch.autograd.grad(h, leaves, torch.ones_like(h))
-    finally:
-        torch.set_num_threads(threads)
     h_ref = sum(dar_mix(sources, q, gain)[0] for q in (query, 2 * query)) / 2
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
     for grad, grad_ref in zip(grads, torch.autograd.grad(h_ref, leaves, torch.ones_like(h))):
@@ -244,31 +252,36 @@ def test_a_backward_pass_that_stops_short_leaves_no_gradient_sum_behind(grouped)
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("dtype, tolerance, tokens", [(torch.float64, 1e-10, 5), (torch.float64, 1e-10, 300),
-                                                      (torch.bfloat16, 2e-2, 5)])
+@pytest.mark.parametrize("dtype, tolerance, tokens, threads", [(torch.float64, 1e-10, 5, 1),
+                                                               (torch.float64, 1e-10, 300, 2),
+                                                               (torch.bfloat16, 2e-2, 5, 1)])
 @pytest.mark.parametrize("kind", ["static", "timestep"])
-def test_a_group_mixes_as_each_consumer_alone(kind, dtype, tolerance, tokens):
+def test_a_group_mixes_as_each_consumer_alone(kind, dtype, tolerance, tokens, threads):
     """cpu_dar_mix_group: three consumers read the same four sources in one pass; the third one's h, mixed with two
     newer sources after the group's prefix (P, lse), is then that of a consumer of all six. h and every gradient
     as dar_mix's over each consumer's whole source list (sources in dtype, queries and gains in float32 for bf16;
-    300 tokens: the backward's token blocks, each summing its own share of the query gradients)."""
+    300 tokens on 2 threads: the tokens split over threads, and the backward's token blocks, each summing its own
+    share of the query gradients)."""
     gen = torch.Generator().manual_seed(3)
     query, gain, *sources = mix_inputs(kind, n=6, batch=2, tokens=tokens, dim=8)
     parameter_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     queries = [q.detach().to(parameter_dtype).requires_grad_() for q in (query, -query, query.roll(1, -1))]
-    gains = [(g.detach() + 0.3 * torch.randn(g.shape, generator=gen, dtype=g.dtype)).to(parameter_dtype).requires_grad_()
-             for g in (gain, gain, gain)]
+    gains = [(gain.detach() + 0.3 * torch.randn(gain.shape, generator=gen, dtype=gain.dtype)).to(parameter_dtype)
+             for _ in range(3)]
+    gains = [g.requires_grad_() for g in gains]
     sources = [s.detach().to(dtype).requires_grad_() for s in sources]
     gradient_sums = [router.SourceGradient() for _ in sources]
     read = [g.collect(s) for g, s in zip(gradient_sums, sources)]
-    outputs, lse = router.cpu_dar_mix_group(read[:4], queries, gains, gradient_sums[:4])
-    (third,), _ = router.cpu_dar_mix_group(read[4:], queries[2:], gains[2:], gradient_sums[4:], prefix=(outputs[2], lse[2]))
-    hs = [outputs[0], outputs[1], third]
+    leaves = [*queries, *gains, *sources]
+    with on_threads(threads):
+        outputs, lse = router.cpu_dar_mix_group(read[:4], queries, gains, gradient_sums[:4])
+        (third,), _ = router.cpu_dar_mix_group(read[4:], queries[2:], gains[2:], gradient_sums[4:],
+                                               prefix=(outputs[2], lse[2]))
+        hs = [outputs[0], outputs[1], third]
+        weights = [torch.randn(h.shape, generator=gen, dtype=h.dtype) for h in hs]
+        grads = torch.autograd.grad(sum((w * h).sum() for w, h in zip(weights, hs)), leaves)
     refs = [dar_mix(sources[:4], queries[0], gains[0])[0], dar_mix(sources[:4], queries[1], gains[1])[0],
             dar_mix(sources, queries[2], gains[2])[0]]
-    leaves = [*queries, *gains, *sources]
-    weights = [torch.randn(h.shape, generator=gen, dtype=h.dtype) for h in hs]
-    grads = torch.autograd.grad(sum((w * h).sum() for w, h in zip(weights, hs)), leaves)
     grads_ref = torch.autograd.grad(sum((w * h).sum() for w, h in zip(weights, refs)), leaves)
     for h, h_ref in zip(hs, refs):
         torch.testing.assert_close(h, h_ref, rtol=tolerance, atol=tolerance)
@@ -295,6 +308,25 @@ def test_a_group_passes_gradcheck_with_every_output_read(kind):
                                                prefix=(outputs[1], lse[1]))
         return outputs[0], outputs[1], lse, h, lse_h
     assert torch.autograd.gradcheck(group_and_member, [*queries, *gains, *sources])
+
+
+def test_a_group_keeps_no_prefix_and_h_only_after_a_prefix():
+    """What a group's call and a later member's call keep for the backward (bf16 sources, float32 parameters): the
+    sources as they are, never a member's P, and h only after a prefix (its dh . P is read from dh . h)."""
+    query, gain, *sources = mix_inputs("static", n=4, dim=16, dtype=torch.float32)
+    sources = [s.detach().bfloat16().requires_grad_() for s in sources]
+    gradient_sums = [router.SourceGradient() for _ in sources]
+    read = [g.collect(s) for g, s in zip(gradient_sums, sources)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outputs, lse = router.cpu_dar_mix_group(read[:3], [query, -query], [gain, gain], gradient_sums[:3])
+        by_the_group = len(saved)
+        (h,), _ = router.cpu_dar_mix_group(read[3:], [-query], [gain], gradient_sums[3:], prefix=(outputs[1], lse[1]))
+
+    def rows(tensors):
+        return {t.data_ptr(): t.dtype for t in tensors if t.shape == h.shape}
+    assert rows(saved[:by_the_group]) == {s.data_ptr(): torch.bfloat16 for s in sources[:3]}
+    assert rows(saved[by_the_group:]) == {h.data_ptr(): torch.float32, sources[3].data_ptr(): torch.bfloat16}
 
 
 def test_cpu_dar_mix_group_refuses_what_it_cannot_do():
