@@ -430,7 +430,7 @@ class DARRoute(Route):
 
 
 #################################################################################
-#      dar: Eq. 5 by a compiled C++ kernel, the custom ops dar::mix, dar::mix_group      #
+#    dar: Eq. 5 by a compiled C++ kernel, custom ops dar::mix, dar::mix_group   #
 #################################################################################
 
 def cpu_dar_mix(sources, query, gain, eps=RMS_EPS, gradient_sums=None):
