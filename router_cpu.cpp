@@ -1,11 +1,11 @@
 // router_cpu.cpp: paper Eq. 5 for DAR consumers on the CPU, forward and backward, one token at a time.
 //
-// Not run directly: router.py compiles this file with PyTorch's C++ extension loader the first time kernel
+// Not run directly: router_cpu.py compiles this file with PyTorch's C++ extension loader the first time kernel
 // "cpu" (the default on CPU) is needed (a C++ compiler and ninja; the build is cached per machine), which
-// defines the ops below. dar::mix and dar::mix_backward are one consumer's functional ops: router.py registers
+// defines the ops below. dar::mix and dar::mix_backward are one consumer's functional ops: router_cpu.py registers
 // their shapes and dar::mix's autograd (what torch.compile sees), and router.cpu_dar_mix calls dar::mix without
 // gradient sums (no grad, torch.compile, a source that needs no gradient).
-// dar::mix_group and dar::mix_group_backward_into are what eager training and groups call (router._MixGroup):
+// dar::mix_group and dar::mix_group_backward_into are what eager training and groups call (router_cpu.MixGroup):
 // the backward adds each dL/ds_i into one buffer per source (router.SourceGradient) instead of returning a fresh
 // tensor for autograd to add up, and one call can mix for a group of consumers (below). The readable reference is
 // router.dar_mix.
@@ -262,14 +262,12 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
           acc_t mixed = 0;  // sum_i alpha_i (dh . s_i)
           for (int64_t i = 0; i < n; ++i) mixed += ac[first + i] * dz[c * n + i];
           acc_t delta = mixed;  // dh . h
-          if (hs) {
+          const acc_t dl = dlse ? dlse[c * tokens + token] : acc_t(0);
+          if (hs) {  // a prefix: dh . h from the kept h; dL/dP = alpha_P dh; dL/dz_P = alpha_P (dh . P - delta + dl)
             const acc_t* ht = hs + token * d;
             delta = 0;
 #pragma omp simd reduction(+ : delta)
             for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
-          }
-          const acc_t dl = dlse ? dlse[c * tokens + token] : acc_t(0);
-          if (hs) {  // the prefix: dL/dP = alpha_P dh, dL/dz_P = alpha_P (dh . P - dh . h + dL/dlse)
             const acc_t ap = ac[0];
             dprefix_z[token] = (delta - mixed) - ap * (delta - dl);
             acc_t* gp = dprefix + token * d;

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import router
+import router_cpu
 from router import Trace, cpu_dar_mix, dar_mix
 from test_router import DEPTH, WIDTH, batch, perturb, spy_on_mixing, tiny
 
@@ -111,7 +112,7 @@ def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys
         raise RuntimeError("Error building extension 'dar_cpu': [1/2] c++ -MMD -c router_cpu.cpp -o router_cpu.o\n"
                            "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(router, "_cpu_kernel_loaded", {})
+    monkeypatch.setattr(router_cpu, "_cpu_kernel_loaded", {})
     monkeypatch.setattr(router, "dar_mix", lambda *args: calls.append(1) or dar_mix(*args))
     calls = []
     model = perturb(tiny("dar", "static", chunk=2, dtype=torch.float32, kernel="auto"))
@@ -133,13 +134,13 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed(age_s, removed, tmp_pa
         (Path(build_directory) / "lock").exists()))
     monkeypatch.setattr(torch.library, "register_fake", lambda *args: None)
     monkeypatch.setattr(torch.library, "register_autograd", lambda *args, **kwargs: None)
-    build_dir = router._cpu_kernel_build_dir()
+    build_dir = router_cpu._cpu_kernel_build_dir()
     assert build_dir.parent == tmp_path
     build_dir.mkdir()
     lock = build_dir / "lock"
     lock.touch()
     os.utime(lock, (time.time() - age_s,) * 2)
-    assert router._load_cpu_kernel() is True
+    assert router_cpu._load_cpu_kernel() is True
     assert seen == [not removed]
 
 
@@ -150,7 +151,7 @@ def test_the_kernel_build_follows_the_cpu_vector_capability(monkeypatch):
     builds = {}
     for capability in ("DEFAULT", "AVX2", "AVX512"):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
-        builds[capability] = router._cpu_kernel_cflags(), router._cpu_kernel_build_dir()
+        builds[capability] = router_cpu._cpu_kernel_cflags(), router_cpu._cpu_kernel_build_dir()
     assert "-mavx2" not in builds["DEFAULT"][0] and "-mavx2" in builds["AVX2"][0] and "-mfma" in builds["AVX512"][0]
     assert builds["DEFAULT"][1] != builds["AVX2"][1] == builds["AVX512"][1]
 
@@ -428,8 +429,8 @@ with torch.no_grad():
         p.add_(0.3 * torch.randn(p.shape))
 compiled.load_state_dict(eager.state_dict())
 x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
-import router
-assert not router._cpu_kernel_loaded  # nothing has loaded the kernel yet: dynamo's trace is the first to ask
+import router_cpu
+assert not router_cpu._cpu_kernel_loaded  # nothing has loaded the kernel yet: dynamo's trace is the first to ask
 torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
 eager(x, t, y).pow(2).mean().backward()
 for p, p_ref in zip(compiled.parameters(), eager.parameters()):
