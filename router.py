@@ -209,8 +209,8 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True, gradient_s
     """Eq. 5 with the chosen implementation: kernel "torch" is dar_mix, "cpu" cpu_dar_mix (the C++ kernel of
     router_cpu.cpp, below; router_cpu.py builds and binds it), "triton" the fused kernel of router_triton
     (imported only here, so that the rest of the project never needs triton), "auto" the fused kernel for CUDA
-    sources and cpu_dar_mix elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when need_alpha is False.
-    gradient_sums: one SourceGradient per source, or None; dar_mix ignores them (see cpu_dar_mix)."""
+    sources and cpu_dar_mix elsewhere (dar_mix where the C++ kernel cannot be built). alpha may be None when
+    need_alpha is False. gradient_sums: one SourceGradient per source, or None; dar_mix ignores them (see cpu_dar_mix)."""
     kernel = chosen_kernel(kernel, sources[0])
     if kernel == "torch":
         return dar_mix(sources, query, gain)
