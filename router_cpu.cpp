@@ -36,12 +36,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -64,6 +67,95 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
   for (const char* line = first; line < last; line += 64) __builtin_prefetch(line, kForWriting);
   __builtin_prefetch(last, kForWriting);  // the row's last line, which a step of 64 from an unaligned start can miss
 #endif
+}
+
+// The inner loops are written with ATen's vector class, as PyTorch's own CPU kernels are (8 floats per AVX2
+// register; plain loops where router_cpu.py builds without AVX2), not left to the compiler's `omp simd`: GCC ends
+// such a reduction with a serial chain of scalar additions, and a weighted sum went back to memory after every
+// source. Written out, the kernels measured 20-35% faster (docs/kernel.md).
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// Vec::size() consecutive features of a row, in the accumulation dtype, and back.
+inline Vec<float> load_features(const float* x) { return Vec<float>::loadu(x); }
+inline Vec<double> load_features(const double* x) { return Vec<double>::loadu(x); }
+template <typename reduced_t>  // bfloat16, float16
+inline Vec<float> load_features(const reduced_t* x) {
+  Vec<float> v;
+  at::vec::load_to_float(x, v);
+  return v;
+}
+template <typename out_t, typename acc_t>
+inline void store_features(out_t* x, const Vec<acc_t>& v) {
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    v.store(x);
+  } else {
+    acc_t values[Vec<acc_t>::size()];
+    v.store(values);
+    for (int64_t j = 0; j < Vec<acc_t>::size(); ++j) x[j] = out_t(values[j]);
+  }
+}
+
+// x . y over d features: two chains of multiply-adds (one would wait a multiply-add's latency at every step),
+// then one horizontal sum.
+template <typename acc_t, typename x_t, typename y_t>
+inline acc_t dot(const x_t* x, const y_t* y, int64_t d) {
+  constexpr int64_t kWidth = Vec<acc_t>::size();
+  Vec<acc_t> sum(0), sum2(0);
+  int64_t k = 0;
+  for (; k + 2 * kWidth <= d; k += 2 * kWidth) {
+    sum = at::vec::fmadd(load_features(x + k), load_features(y + k), sum);
+    sum2 = at::vec::fmadd(load_features(x + k + kWidth), load_features(y + k + kWidth), sum2);
+  }
+  if (k + kWidth <= d) {
+    sum = at::vec::fmadd(load_features(x + k), load_features(y + k), sum);
+    k += kWidth;
+  }
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, sum + sum2);
+  for (; k < d; ++k) total += acc_t(x[k]) * acc_t(y[k]);
+  return total;
+}
+
+// sum_j weights[j] rows[j], over `count` rows of one type.
+template <typename row_t, typename acc_t>
+struct Terms {
+  const row_t* const* rows;
+  const acc_t* weights;
+  int64_t count;
+};
+
+// out = (out if add) + a's weighted rows + b's, feature by feature: kVectors vectors of out at a time, each summed
+// in a register (kVectors independent chains of multiply-adds) and stored once. Returns where it stopped.
+template <int64_t kVectors, typename out_t, typename acc_t, typename a_t, typename b_t>
+inline int64_t weighted_sum_from(int64_t k, out_t* out, bool add, Terms<a_t, acc_t> a, Terms<b_t, acc_t> b,
+                                 int64_t d) {
+  constexpr int64_t kWidth = Vec<acc_t>::size();
+  for (; k + kVectors * kWidth <= d; k += kVectors * kWidth) {
+    Vec<acc_t> sum[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) sum[v] = add ? load_features(out + k + v * kWidth) : Vec<acc_t>(0);
+    for (int64_t j = 0; j < a.count; ++j) {
+      const Vec<acc_t> weight(a.weights[j]);
+      for (int64_t v = 0; v < kVectors; ++v) sum[v] = at::vec::fmadd(weight, load_features(a.rows[j] + k + v * kWidth), sum[v]);
+    }
+    for (int64_t j = 0; j < b.count; ++j) {
+      const Vec<acc_t> weight(b.weights[j]);
+      for (int64_t v = 0; v < kVectors; ++v) sum[v] = at::vec::fmadd(weight, load_features(b.rows[j] + k + v * kWidth), sum[v]);
+    }
+    for (int64_t v = 0; v < kVectors; ++v) store_features(out + k + v * kWidth, sum[v]);
+  }
+  return k;
+}
+
+template <typename out_t, typename acc_t, typename a_t, typename b_t>
+inline void weighted_sum(out_t* out, bool add, Terms<a_t, acc_t> a, Terms<b_t, acc_t> b, int64_t d) {
+  int64_t k = weighted_sum_from<4>(0, out, add, a, b, d);
+  k = weighted_sum_from<1>(k, out, add, a, b, d);
+  for (; k < d; ++k) {
+    acc_t sum = add ? acc_t(out[k]) : acc_t(0);
+    for (int64_t j = 0; j < a.count; ++j) sum += a.weights[j] * acc_t(a.rows[j][k]);
+    for (int64_t j = 0; j < b.count; ++j) sum += b.weights[j] * acc_t(b.rows[j][k]);
+    out[k] = out_t(sum);
+  }
 }
 
 // The queries of a group in memory: [G, 1 or B, 1 or T, d], consumer c's row for a token.
@@ -131,67 +223,47 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d);
+    std::vector<const scalar_t*> rows(n);
+    std::vector<const acc_t*> q(consumers);
     for (int64_t token = begin; token < end; ++token) {
-      const acc_t* q0 = query_gain_row(query.at(0, token), gain, row.data(), d);
+      for (int64_t c = 0; c < consumers; ++c) q[c] = query.at(c, token);
+      q[0] = query_gain_row(q[0], gain, row.data(), d);
       for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* s = src[i] + token * d;
+        const scalar_t* s = rows[i] = src[i] + token * d;
         if (token + kPrefetchTokens < end) prefetch_row<false>(s + kPrefetchTokens * d, d);
-        acc_t square_sum = 0, dot = 0;
-#pragma omp simd reduction(+ : square_sum, dot)
-        for (int64_t k = 0; k < d; ++k) {
-          const acc_t v = s[k];
-          square_sum += v * v;
-          dot += v * q0[k];
-        }
-        const acc_t ri = acc_t(1) / std::sqrt(square_sum / d + acc_t(eps));
+        const acc_t ri = acc_t(1) / std::sqrt(dot<acc_t>(s, s, d) / d + acc_t(eps));
         r[token * n + i] = ri;
-        z[token * consumers * items + first + i] = dot * ri * scale;  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i
-        for (int64_t c = 1; c < consumers; ++c) {  // the group's other queries, on the row in cache
-          const acc_t* q = query.at(c, token);
-          dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t k = 0; k < d; ++k) dot += acc_t(s[k]) * q[k];
-          z[(token * consumers + c) * items + first + i] = dot * ri * scale;
+        for (int64_t c = 0; c < consumers; ++c) {  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i, the row in cache
+          z[(token * consumers + c) * items + first + i] = dot<acc_t>(s, q[c], d) * ri * scale;
         }
       }
-      for (int64_t c = 0; c < consumers; ++c) {  // Eq. 5: alpha = softmax over the items, one row per consumer
-        acc_t *zc = z + (token * consumers + c) * items, *ac = a + (token * consumers + c) * items;
+      // Eq. 5: alpha = softmax over the items, one row per consumer; the token's exps in one vectorized pass
+      acc_t *token_z = z + token * consumers * items, *token_alpha = a + token * consumers * items;
+      for (int64_t c = 0; c < consumers; ++c) {
+        acc_t *zc = token_z + c * items, *ac = token_alpha + c * items;
         if (prefix_z) zc[0] = prefix_z[token];
-        acc_t max_logit = -std::numeric_limits<acc_t>::infinity(), total = 0;
+        acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
         for (int64_t i = 0; i < items; ++i) max_logit = std::max(max_logit, zc[i]);
-        for (int64_t i = 0; i < items; ++i) total += ac[i] = std::exp(zc[i] - max_logit);
-        for (int64_t i = 0; i < items; ++i) ac[i] /= total;
-        m[c * tokens + token] = max_logit + std::log(total);
-        acc_t* ht = out[c] + token * d;  // h = sum_i alpha_i s_i (+ alpha_P P)
-        const acc_t ap = prefix_rows ? ac[0] : acc_t(0);
-        const acc_t* p = prefix_rows ? prefix_rows + token * d : nullptr;
-        for (int64_t k = 0; k < d; ++k) ht[k] = p ? ap * p[k] : acc_t(0);
+        for (int64_t i = 0; i < items; ++i) ac[i] = zc[i] - max_logit;
+        m[c * tokens + token] = max_logit;
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* s = src[i] + token * d;
-        for (int64_t c = 0; c < consumers; ++c) {
-          const acc_t ai = a[(token * consumers + c) * items + first + i];
-          acc_t* ht = out[c] + token * d;
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) ht[k] += ai * acc_t(s[k]);
-        }
+      at::vec::map([](Vec<acc_t> x) { return x.exp(); }, token_alpha, token_alpha, consumers * items);
+      for (int64_t c = 0; c < consumers; ++c) {
+        acc_t* ac = token_alpha + c * items;
+        acc_t total = 0;
+        for (int64_t i = 0; i < items; ++i) total += ac[i];
+        const acc_t inverse = acc_t(1) / total;
+        for (int64_t i = 0; i < items; ++i) ac[i] *= inverse;
+        m[c * tokens + token] += std::log(total);
+      }
+      const acc_t* prefix_row = prefix_rows ? prefix_rows + token * d : nullptr;
+      for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P)
+        const acc_t* ac = token_alpha + c * items;
+        weighted_sum(out[c] + token * d, false, Terms<acc_t, acc_t>{&prefix_row, ac, first},
+                     Terms<scalar_t, acc_t>{rows.data(), ac + first, n}, d);
       }
     }
   });
-}
-
-// One consumer's term of one token's row of dL/ds_i, alpha_i dh + c_i q g - rho_i s_i (rho_i = dz_i z_i r_i^2 / d),
-// written into gs or, kAdd, added to what gs holds; and c_i s_i added to the token's row of dL/d(q g).
-template <bool kAdd, typename out_t, typename scalar_t, typename acc_t>
-inline void source_gradient_row(out_t* gs, const scalar_t* s, const acc_t* dh, const acc_t* q, acc_t* gq, acc_t ai,
-                                acc_t c, acc_t rms_term, int64_t d) {
-#pragma omp simd
-  for (int64_t k = 0; k < d; ++k) {
-    const acc_t v = s[k];
-    const acc_t term = ai * dh[k] + c * q[k] - rms_term * v;
-    gs[k] = out_t(kAdd ? acc_t(gs[k]) + term : term);
-    gq[k] += c * v;
-  }
 }
 
 // The backward of mix_forward. Each consumer c receives dL/dh_c and, where its lse is read (a group's first
@@ -235,71 +307,63 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d), row_grad(gain == nullptr ? 0 : d);
-    std::vector<acc_t> dz(consumers * n), term(consumers > 1 ? d : 0);
+    // per token: dz [G, N]; dh_c and q_c g, the rows a source's gradient row sums, with their weights per source
+    std::vector<acc_t> dz(consumers * n), weights(2 * consumers), query_weights(n);
+    std::vector<const acc_t*> consumer_rows(2 * consumers);
+    std::vector<acc_t*> gq(consumers);
+    std::vector<const scalar_t*> rows(n);
     for (int64_t block = first_block; block < end_block; ++block) {
       acc_t* block_grad = shared_grad + block * block_stride;
       const int64_t block_end = (block + 1) * tokens / blocks;
       for (int64_t token = block * tokens / blocks; token < block_end; ++token) {
-        const acc_t* q0 = query_gain_row(query.at(0, token), gain, row.data(), d);
-        if (gain) std::fill(row_grad.begin(), row_grad.end(), acc_t(0));
+        for (int64_t c = 0; c < consumers; ++c) {
+          consumer_rows[c] = dhs[c] + token * d;
+          consumer_rows[consumers + c] = c == 0 ? query_gain_row(query.at(0, token), gain, row.data(), d)
+                                                : query.at(c, token);
+          gq[c] = gain ? row_grad.data() : block_grad + (query.at(c, token) - query.data);  // this token's row
+        }
         for (int64_t i = 0; i < n; ++i) {  // dz first holds dh_c . s_i
-          const scalar_t* s = src[i] + token * d;
+          rows[i] = src[i] + token * d;
           if (token + kPrefetchTokens < block_end) {
-            prefetch_row<false>(s + kPrefetchTokens * d, d);
+            prefetch_row<false>(rows[i] + kPrefetchTokens * d, d);
             prefetch_row<true>(grad_src[i] + (token + kPrefetchTokens) * d, d);
           }
-          for (int64_t c = 0; c < consumers; ++c) {
-            const acc_t* dh = dhs[c] + token * d;
-            acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t k = 0; k < d; ++k) dot += dh[k] * acc_t(s[k]);
-            dz[c * n + i] = dot;
-          }
+          for (int64_t c = 0; c < consumers; ++c) dz[c * n + i] = dot<acc_t>(consumer_rows[c], rows[i], d);
         }
         for (int64_t c = 0; c < consumers; ++c) {  // dz_i = alpha_i (dh . s_i - dh . h + dL/dlse)
           const acc_t* ac = a + (token * consumers + c) * items;
-          const acc_t* dh = dhs[c] + token * d;
+          const acc_t* dh = consumer_rows[c];
           acc_t mixed = 0;  // sum_i alpha_i (dh . s_i)
           for (int64_t i = 0; i < n; ++i) mixed += ac[first + i] * dz[c * n + i];
           acc_t delta = mixed;  // dh . h
           const acc_t dl = dlse ? dlse[c * tokens + token] : acc_t(0);
           if (hs) {  // a prefix: dh . h from the kept h; dL/dP = alpha_P dh; dL/dz_P = alpha_P (dh . P - delta + dl)
-            const acc_t* ht = hs + token * d;
-            delta = 0;
-#pragma omp simd reduction(+ : delta)
-            for (int64_t k = 0; k < d; ++k) delta += dh[k] * ht[k];
+            delta = dot<acc_t>(dh, hs + token * d, d);
             const acc_t ap = ac[0];
             dprefix_z[token] = (delta - mixed) - ap * (delta - dl);
-            acc_t* gp = dprefix + token * d;
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) gp[k] = ap * dh[k];
+            weighted_sum(dprefix + token * d, false, Terms<acc_t, acc_t>{&dh, &ap, 1}, Terms<acc_t, acc_t>{}, d);
           }
           for (int64_t i = 0; i < n; ++i) dz[c * n + i] = ac[first + i] * (dz[c * n + i] - delta + dl);
         }
+        // dL/ds_i = sum_c (alpha_ci dh_c + c_ci q_c g) - (sum_c rho_ci) s_i, c_ci = dz_ci r_i / sqrt(d),
+        // rho_ci = dz_ci z_ci r_i^2 / d: one pass over the row, added to what it holds where accumulate[i]
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* s = src[i] + token * d;
           const acc_t ri = r[token * n + i];
-          scalar_t* gs = grad_src[i] + token * d;
+          acc_t rho = 0;
           for (int64_t c = 0; c < consumers; ++c) {
-            const acc_t *q = c == 0 ? q0 : query.at(c, token), *dh = dhs[c] + token * d;
-            acc_t* gq = gain ? row_grad.data() : block_grad + (query.at(c, token) - query.data);  // this token's row
-            const acc_t ai = a[(token * consumers + c) * items + first + i], dzi = dz[c * n + i];
-            const acc_t zi = z[(token * consumers + c) * items + first + i];
-            const acc_t cq = dzi * ri * scale, rms_term = dzi * zi * ri * ri / d;
-            if (consumers == 1 && accumulate[i]) {
-              source_gradient_row<true>(gs, s, dh, q, gq, ai, cq, rms_term, d);
-            } else if (consumers == 1) {
-              source_gradient_row<false>(gs, s, dh, q, gq, ai, cq, rms_term, d);
-            } else if (c == 0) {  // a group sums its consumers' terms, then writes the row once
-              source_gradient_row<false>(term.data(), s, dh, q, gq, ai, cq, rms_term, d);
-            } else {
-              source_gradient_row<true>(term.data(), s, dh, q, gq, ai, cq, rms_term, d);
-            }
+            const int64_t item = (token * consumers + c) * items + first + i;
+            weights[c] = a[item];
+            weights[consumers + c] = dz[c * n + i] * ri * scale;
+            rho -= dz[c * n + i] * z[item] * ri * ri / d;
           }
-          if (consumers > 1) {
-#pragma omp simd
-            for (int64_t k = 0; k < d; ++k) gs[k] = scalar_t(accumulate[i] ? acc_t(gs[k]) + term[k] : term[k]);
-          }
+          weighted_sum(grad_src[i] + token * d, bool(accumulate[i]),
+                       Terms<acc_t, acc_t>{consumer_rows.data(), weights.data(), 2 * consumers},
+                       Terms<scalar_t, acc_t>{&rows[i], &rho, 1}, d);
+        }
+        for (int64_t c = 0; c < consumers; ++c) {  // dL/d(q_c g) += sum_i c_ci s_i
+          for (int64_t i = 0; i < n; ++i) query_weights[i] = dz[c * n + i] * r[token * n + i] * scale;
+          weighted_sum(gq[c], !gain, Terms<acc_t, acc_t>{}, Terms<scalar_t, acc_t>{rows.data(), query_weights.data(), n},
+                       d);
         }
         if (gain) {  // a per-token query: this token's dL/dq row and its share of dL/dg
           const acc_t* q_raw = query.at(0, token);

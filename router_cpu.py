@@ -77,11 +77,13 @@ CPU_KERNEL_OPENMP = ["-fopenmp"] if sys.platform == "linux" else []
 
 
 def _cpu_kernel_cflags():
-    """-O3 and OpenMP, and 8-wide vectors (AVX2 with FMA) where torch's own CPU kernels use them: the compiler's
-    default x86-64 target has 4-wide ones only, and the kernel's dot products then measure about 1.5x slower
-    (docs/kernel.md). torch's CPU capability is the CPU's, or lower when ATEN_CPU_CAPABILITY says so."""
+    """-O3 and OpenMP, and 8-wide vectors (AVX2 with FMA, and F16C for float16 rows) where torch's own CPU kernels
+    use them: CPU_CAPABILITY_AVX2 selects the AVX2 version of ATen's vector class, in which the kernel's inner
+    loops are written; without it that class is plain C++ loops, which the compiler vectorizes for the default
+    x86-64 target, 4-wide (the kernel then measured about 1.5x slower: docs/kernel.md). torch's CPU capability is
+    the CPU's, or lower when ATEN_CPU_CAPABILITY says so."""
     avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and sys.platform != "win32"  # GCC/Clang flags
-    vectors = ["-mavx2", "-mfma"] if avx2 else []
+    vectors = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"] if avx2 else []
     return ["-O3", *CPU_KERNEL_OPENMP, *vectors]
 
 

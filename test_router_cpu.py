@@ -253,18 +253,22 @@ def test_a_backward_pass_that_stops_short_leaves_no_gradient_sum_behind(grouped)
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("dtype, tolerance, tokens, threads", [(torch.float64, 1e-10, 5, 1),
-                                                               (torch.float64, 1e-10, 300, 2),
-                                                               (torch.bfloat16, 2e-2, 5, 1)])
+@pytest.mark.parametrize("dtype, tolerance, tokens, threads, dim", [(torch.float64, 1e-10, 5, 1, 8),
+                                                                    (torch.float64, 1e-10, 300, 2, 8),
+                                                                    (torch.bfloat16, 2e-2, 5, 1, 8),
+                                                                    (torch.float64, 1e-10, 5, 1, 45),
+                                                                    (torch.float32, 1e-4, 5, 1, 45),
+                                                                    (torch.bfloat16, 2e-2, 5, 1, 45)])
 @pytest.mark.parametrize("kind", ["static", "timestep"])
-def test_a_group_mixes_as_each_consumer_alone(kind, dtype, tolerance, tokens, threads):
+def test_a_group_mixes_as_each_consumer_alone(kind, dtype, tolerance, tokens, threads, dim):
     """cpu_dar_mix_group: three consumers read the same four sources in one pass; the third one's h, mixed with two
     newer sources after the group's prefix (P, lse), is then that of a consumer of all six. h and every gradient
     as dar_mix's over each consumer's whole source list (sources in dtype, queries and gains in float32 for bf16;
     300 tokens on 2 threads: the tokens split over threads, and the backward's token blocks, each summing its own
-    share of the query gradients)."""
+    share of the query gradients; 45 features: the kernels' loops of several vectors, of one, and the last
+    features one at a time)."""
     gen = torch.Generator().manual_seed(3)
-    query, gain, *sources = mix_inputs(kind, n=6, batch=2, tokens=tokens, dim=8)
+    query, gain, *sources = mix_inputs(kind, n=6, batch=2, tokens=tokens, dim=dim)
     parameter_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     queries = [q.detach().to(parameter_dtype).requires_grad_() for q in (query, -query, query.roll(1, -1))]
     gains = [(gain.detach() + 0.3 * torch.randn(gain.shape, generator=gen, dtype=gain.dtype)).to(parameter_dtype)
@@ -433,8 +437,8 @@ import router_cpu
 assert not router_cpu._cpu_kernel_loaded  # nothing has loaded the kernel yet: dynamo's trace is the first to ask
 torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
 eager(x, t, y).pow(2).mean().backward()
-for p, p_ref in zip(compiled.parameters(), eager.parameters()):
-    torch.testing.assert_close(p.grad, p_ref.grad)
+for p, p_ref in zip(compiled.parameters(), eager.parameters()):  # eager mixes in groups: the same sums, reordered
+    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
 assert eager.router.mixers[0].query.grad.abs().max() > 0  # the routing itself is differentiated
 print("same gradients")
 """
