@@ -72,7 +72,8 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
 // The inner loops are written with ATen's vector class, as PyTorch's own CPU kernels are (8 floats per AVX2
 // register; plain loops where router_cpu.py builds without AVX2), not left to the compiler's `omp simd`: GCC ends
 // such a reduction with a serial chain of scalar additions, and a weighted sum went back to memory after every
-// source. Written out, the kernels measured 20-35% faster (docs/kernel.md).
+// source. Written out, a group's call with its rows in cache measured 30% faster forward, 25% backward
+// (docs/kernel.md).
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
@@ -133,14 +134,16 @@ inline int64_t weighted_sum_from(int64_t k, out_t* out, bool add, Terms<a_t, acc
   for (; k + kVectors * kWidth <= d; k += kVectors * kWidth) {
     Vec<acc_t> sum[kVectors];
     for (int64_t v = 0; v < kVectors; ++v) sum[v] = add ? load_features(out + k + v * kWidth) : Vec<acc_t>(0);
-    for (int64_t j = 0; j < a.count; ++j) {
-      const Vec<acc_t> weight(a.weights[j]);
-      for (int64_t v = 0; v < kVectors; ++v) sum[v] = at::vec::fmadd(weight, load_features(a.rows[j] + k + v * kWidth), sum[v]);
-    }
-    for (int64_t j = 0; j < b.count; ++j) {
-      const Vec<acc_t> weight(b.weights[j]);
-      for (int64_t v = 0; v < kVectors; ++v) sum[v] = at::vec::fmadd(weight, load_features(b.rows[j] + k + v * kWidth), sum[v]);
-    }
+    const auto add_terms = [&](const auto& terms) {
+      for (int64_t j = 0; j < terms.count; ++j) {
+        const Vec<acc_t> weight(terms.weights[j]);
+        for (int64_t v = 0; v < kVectors; ++v) {
+          sum[v] = at::vec::fmadd(weight, load_features(terms.rows[j] + k + v * kWidth), sum[v]);
+        }
+      }
+    };
+    add_terms(a);
+    add_terms(b);
     for (int64_t v = 0; v < kVectors; ++v) store_features(out + k + v * kWidth, sum[v]);
   }
   return k;
@@ -277,7 +280,7 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
                   const std::vector<at::Tensor>& grad_sources, const std::vector<char>& accumulate,
                   const at::Tensor& grad_prefix, const at::Tensor& grad_prefix_logit,
                   const at::Tensor& grad_query_gain, const at::Tensor& grad_query, const at::Tensor& grad_gain,
-                  int64_t blocks) {
+                  int64_t units, int64_t blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const int64_t consumers = grad_outputs.size(), first = prefixed_h.defined() ? 1 : 0, items = first + n;
@@ -289,14 +292,17 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
   const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
   // dL/d(q g) has the queries' shape: a query shared by several tokens sums over them. The tokens are cut into
-  // `blocks` blocks, one parallel task each, and each block sums into its own copy, laid out as the queries
-  // (grad_query_gain is [blocks, G, *query shape]), which the caller adds; blocks, not thread ids, because the
-  // ids come from OpenMP and the thread count from torch. A per-token (dynamic) query shares nothing: each token
-  // sums its row of dL/d(q g) in `row_grad` and turns it into its row of dL/dq = g dL/d(q g) (grad_query
-  // [B, T, d]) and its block's share of dL/dg = sum over tokens of q dL/d(q g) (grad_gain [blocks, d]);
-  // grad_query_gain is then undefined, as grad_query and grad_gain are for shared queries.
+  // `blocks` blocks of whole units (`units` of them: tokens, or samples), one parallel task each. A query shared
+  // by every token (static): each block sums into its own copy, laid out as the queries (grad_query_gain is
+  // [blocks, G, 1, 1, d]), which the caller adds; blocks, not thread ids, because the ids come from OpenMP and
+  // the thread count from torch. A sample's query (timestep): the blocks hold whole samples, so each row of
+  // dL/d(q g) is summed by one block, in place, in one shared copy ([1, G, B, 1, d]). A per-token (dynamic)
+  // query shares nothing: each token sums its row of dL/d(q g) in `row_grad` and turns it into its row of
+  // dL/dq = g dL/d(q g) (grad_query [B, T, d]) and its block's share of dL/dg = sum over tokens of q dL/d(q g)
+  // (grad_gain [blocks, d]); grad_query_gain is then undefined, as grad_query and grad_gain are for shared queries.
   acc_t* shared_grad = gain ? nullptr : grad_query_gain.data_ptr<acc_t>();
-  const int64_t block_stride = gain ? 0 : grad_query_gain.stride(0);
+  const int64_t block_stride = gain || grad_query_gain.size(0) == 1 ? 0 : grad_query_gain.stride(0);
+  const int64_t unit = tokens / units;  // tokens per unit
   acc_t* grad_query_rows = gain ? grad_query.data_ptr<acc_t>() : nullptr;
   acc_t* grad_gain_blocks = gain ? grad_gain.data_ptr<acc_t>() : nullptr;
   const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
@@ -314,8 +320,8 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
     std::vector<const scalar_t*> rows(n);
     for (int64_t block = first_block; block < end_block; ++block) {
       acc_t* block_grad = shared_grad + block * block_stride;
-      const int64_t block_end = (block + 1) * tokens / blocks;
-      for (int64_t token = block * tokens / blocks; token < block_end; ++token) {
+      const int64_t block_end = (block + 1) * units / blocks * unit;
+      for (int64_t token = block * units / blocks * unit; token < block_end; ++token) {
         for (int64_t c = 0; c < consumers; ++c) {
           consumer_rows[c] = dhs[c] + token * d;
           consumer_rows[consumers + c] = c == 0 ? query_gain_row(query.at(0, token), gain, row.data(), d)
@@ -362,8 +368,8 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
         }
         for (int64_t c = 0; c < consumers; ++c) {  // dL/d(q_c g) += sum_i c_ci s_i
           for (int64_t i = 0; i < n; ++i) query_weights[i] = dz[c * n + i] * r[token * n + i] * scale;
-          weighted_sum(gq[c], !gain, Terms<acc_t, acc_t>{}, Terms<scalar_t, acc_t>{rows.data(), query_weights.data(), n},
-                       d);
+          const Terms<scalar_t, acc_t> sources_weighted{rows.data(), query_weights.data(), n};
+          weighted_sum(gq[c], !gain, Terms<acc_t, acc_t>{}, sources_weighted, d);
         }
         if (gain) {  // a per-token query: this token's dL/dq row and its share of dL/dg
           const acc_t* q_raw = query.at(0, token);
@@ -486,10 +492,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   TORCH_CHECK(!grad_lse.has_value() || grad_lse->numel() == consumers * tokens,
               "dar::mix_group_backward_into: dL/dlse must be [G, B, T]");
   // at least one block per thread, and short float sums: at most kTokensPerBlock terms before the blocks are added
+  // (a sample's query: a block sums at most its T tokens into each of its samples' rows)
+  const bool per_token = query_gain.per_token(), per_sample = !per_token && qg.size(1) > 1;
+  const int64_t units = per_sample ? batch : tokens;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
-      tokens, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
-  const bool per_token = query_gain.per_token();
-  auto per_block = per_token ? at::Tensor() : at::zeros({blocks, qg.size(0), qg.size(1), qg.size(2), d}, qg.options());
+      units, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
+  const int64_t copies = per_sample ? 1 : blocks;
+  auto per_block = per_token ? at::Tensor() : at::zeros({copies, qg.size(0), qg.size(1), qg.size(2), d}, qg.options());
   auto grad_query_rows = per_token ? at::empty(qg.sizes(), qg.options()) : at::Tensor();
   auto grad_gain_blocks = per_token ? at::zeros({blocks, d}, qg.options()) : at::Tensor();
   std::vector<at::Tensor> dhs;
@@ -503,7 +512,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
     mix_backward<scalar_t>(sources, query_gain, h, alpha, logits, inv_rms, dhs, dlse, grad_sources, accumulate,
                            h.defined() ? grad_prefix[0] : at::Tensor(), h.defined() ? grad_prefix[1] : at::Tensor(),
-                           per_block, grad_query_rows, grad_gain_blocks, blocks);
+                           per_block, grad_query_rows, grad_gain_blocks, units, blocks);
   });
   std::vector<at::Tensor> grad_queries, grad_gains;
   if (per_token) {
