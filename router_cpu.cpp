@@ -42,6 +42,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -69,11 +70,11 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
 #endif
 }
 
-// The inner loops are written with ATen's vector class, as PyTorch's own CPU kernels are (8 floats per AVX2
-// register; plain loops where router_cpu.py builds without AVX2), not left to the compiler's `omp simd`: GCC ends
-// such a reduction with a serial chain of scalar additions, and a weighted sum went back to memory after every
-// source. Written out, a group's call with its rows in cache measured 30% faster forward, 25% backward
-// (docs/kernel.md).
+// The loops that sum over features or rows are written with ATen's vector class, as PyTorch's own CPU kernels
+// are (8 floats per AVX2 register; plain loops where router_cpu.py builds without AVX2 on x86, NEON on ARM), not
+// left to the compiler's `omp simd`: GCC ends such a reduction with a serial chain of scalar additions, and a
+// weighted sum went back to memory after every source. Written out, a group's call with its rows in cache
+// measured 30% faster forward, 25% backward (docs/kernel.md).
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
@@ -112,7 +113,7 @@ inline acc_t dot(const x_t* x, const y_t* y, int64_t d) {
     sum = at::vec::fmadd(load_features(x + k), load_features(y + k), sum);
     k += kWidth;
   }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, sum + sum2);
+  acc_t total = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), sum + sum2);
   for (; k < d; ++k) total += acc_t(x[k]) * acc_t(y[k]);
   return total;
 }
@@ -250,6 +251,8 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
         for (int64_t i = 0; i < items; ++i) ac[i] = zc[i] - max_logit;
         m[c * tokens + token] = max_logit;
       }
+      // Vectorized::exp is Sleef's (the AVX2 build), which libtorch_cpu exports; a torch that did not would fail
+      // to load this kernel, and kernel "auto" would fall back to dar_mix, saying why
       at::vec::map([](Vec<acc_t> x) { return x.exp(); }, token_alpha, token_alpha, consumers * items);
       for (int64_t c = 0; c < consumers; ++c) {
         acc_t* ac = token_alpha + c * items;
@@ -260,7 +263,7 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
         m[c * tokens + token] += std::log(total);
       }
       const acc_t* prefix_row = prefix_rows ? prefix_rows + token * d : nullptr;
-      for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P)
+      for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P: `first` is 1 with a prefix)
         const acc_t* ac = token_alpha + c * items;
         weighted_sum(out[c] + token * d, false, Terms<acc_t, acc_t>{&prefix_row, ac, first},
                      Terms<scalar_t, acc_t>{rows.data(), ac + first, n}, d);
@@ -268,6 +271,14 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
     }
   });
 }
+
+// How the backward cuts the tokens into blocks, one parallel task each: `count` blocks of whole units (`units` of
+// them, `unit` tokens each: single tokens, or whole samples), and where each block sums its share of dL/d(q g).
+struct TokenBlocks {
+  int64_t count, units, unit;
+  int64_t copy_stride;  // between the blocks' own copies of dL/d(q g); 0: the blocks share one copy
+  int64_t begin(int64_t block) const { return (block * units / count) * unit; }
+};
 
 // The backward of mix_forward. Each consumer c receives dL/dh_c and, where its lse is read (a group's first
 // consumer hands its prefix and lse on to the others), dL/dlse_c. dh . h, which every dz_i needs, is
@@ -280,7 +291,7 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
                   const std::vector<at::Tensor>& grad_sources, const std::vector<char>& accumulate,
                   const at::Tensor& grad_prefix, const at::Tensor& grad_prefix_logit,
                   const at::Tensor& grad_query_gain, const at::Tensor& grad_query, const at::Tensor& grad_gain,
-                  int64_t units, int64_t blocks) {
+                  const TokenBlocks& blocks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), tokens = sources[0].size(0) * sources[0].size(1), d = sources[0].size(2);
   const int64_t consumers = grad_outputs.size(), first = prefixed_h.defined() ? 1 : 0, items = first + n;
@@ -291,18 +302,15 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   for (auto& g : grad_outputs) dhs.push_back(g.data_ptr<acc_t>());
   const auto query = query_of<acc_t>(query_gain.query, sources[0].size(1));
   const acc_t* gain = query_gain.per_token() ? query_gain.gain.data_ptr<acc_t>() : nullptr;
-  // dL/d(q g) has the queries' shape: a query shared by several tokens sums over them. The tokens are cut into
-  // `blocks` blocks of whole units (`units` of them: tokens, or samples), one parallel task each. A query shared
-  // by every token (static): each block sums into its own copy, laid out as the queries (grad_query_gain is
-  // [blocks, G, 1, 1, d]), which the caller adds; blocks, not thread ids, because the ids come from OpenMP and
-  // the thread count from torch. A sample's query (timestep): the blocks hold whole samples, so each row of
+  // dL/d(q g) has the queries' shape: a query shared by several tokens sums over them. Usually each block sums
+  // into its own copy, laid out as the queries (grad_query_gain is [blocks, G, *query shape]), which the caller
+  // adds; blocks, not thread ids, because the ids come from OpenMP and the thread count from torch. A sample's
+  // query (timestep) with at least as many samples as threads: the blocks hold whole samples, so each row of
   // dL/d(q g) is summed by one block, in place, in one shared copy ([1, G, B, 1, d]). A per-token (dynamic)
   // query shares nothing: each token sums its row of dL/d(q g) in `row_grad` and turns it into its row of
   // dL/dq = g dL/d(q g) (grad_query [B, T, d]) and its block's share of dL/dg = sum over tokens of q dL/d(q g)
   // (grad_gain [blocks, d]); grad_query_gain is then undefined, as grad_query and grad_gain are for shared queries.
   acc_t* shared_grad = gain ? nullptr : grad_query_gain.data_ptr<acc_t>();
-  const int64_t block_stride = gain || grad_query_gain.size(0) == 1 ? 0 : grad_query_gain.stride(0);
-  const int64_t unit = tokens / units;  // tokens per unit
   acc_t* grad_query_rows = gain ? grad_query.data_ptr<acc_t>() : nullptr;
   acc_t* grad_gain_blocks = gain ? grad_gain.data_ptr<acc_t>() : nullptr;
   const acc_t *a = alpha.data_ptr<acc_t>(), *z = logits.data_ptr<acc_t>(), *r = inv_rms.data_ptr<acc_t>();
@@ -311,7 +319,7 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   acc_t* dprefix = hs ? grad_prefix.data_ptr<acc_t>() : nullptr;
   acc_t* dprefix_z = hs ? grad_prefix_logit.data_ptr<acc_t>() : nullptr;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
-  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+  at::parallel_for(0, blocks.count, 1, [&](int64_t first_block, int64_t end_block) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d), row_grad(gain == nullptr ? 0 : d);
     // per token: dz [G, N]; dh_c and q_c g, the rows a source's gradient row sums, with their weights per source
     std::vector<acc_t> dz(consumers * n), weights(2 * consumers), query_weights(n);
@@ -319,9 +327,9 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
     std::vector<acc_t*> gq(consumers);
     std::vector<const scalar_t*> rows(n);
     for (int64_t block = first_block; block < end_block; ++block) {
-      acc_t* block_grad = shared_grad + block * block_stride;
-      const int64_t block_end = (block + 1) * units / blocks * unit;
-      for (int64_t token = block * units / blocks * unit; token < block_end; ++token) {
+      acc_t* block_grad = shared_grad + block * blocks.copy_stride;
+      const int64_t block_end = blocks.begin(block + 1);
+      for (int64_t token = blocks.begin(block); token < block_end; ++token) {
         for (int64_t c = 0; c < consumers; ++c) {
           consumer_rows[c] = dhs[c] + token * d;
           consumer_rows[consumers + c] = c == 0 ? query_gain_row(query.at(0, token), gain, row.data(), d)
@@ -355,16 +363,17 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
         // rho_ci = dz_ci z_ci r_i^2 / d: one pass over the row, added to what it holds where accumulate[i]
         for (int64_t i = 0; i < n; ++i) {
           const acc_t ri = r[token * n + i];
-          acc_t rho = 0;
+          acc_t rho = 0;  // sum_c rho_ci
           for (int64_t c = 0; c < consumers; ++c) {
             const int64_t item = (token * consumers + c) * items + first + i;
             weights[c] = a[item];
             weights[consumers + c] = dz[c * n + i] * ri * scale;
-            rho -= dz[c * n + i] * z[item] * ri * ri / d;
+            rho += dz[c * n + i] * z[item] * ri * ri / d;
           }
+          const acc_t minus_rho = -rho;
           weighted_sum(grad_src[i] + token * d, bool(accumulate[i]),
                        Terms<acc_t, acc_t>{consumer_rows.data(), weights.data(), 2 * consumers},
-                       Terms<scalar_t, acc_t>{&rows[i], &rho, 1}, d);
+                       Terms<scalar_t, acc_t>{&rows[i], &minus_rho, 1}, d);
         }
         for (int64_t c = 0; c < consumers; ++c) {  // dL/d(q_c g) += sum_i c_ci s_i
           for (int64_t i = 0; i < n; ++i) query_weights[i] = dz[c * n + i] * r[token * n + i] * scale;
@@ -492,15 +501,17 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   TORCH_CHECK(!grad_lse.has_value() || grad_lse->numel() == consumers * tokens,
               "dar::mix_group_backward_into: dL/dlse must be [G, B, T]");
   // at least one block per thread, and short float sums: at most kTokensPerBlock terms before the blocks are added
-  // (a sample's query: a block sums at most its T tokens into each of its samples' rows)
-  const bool per_token = query_gain.per_token(), per_sample = !per_token && qg.size(1) > 1;
-  const int64_t units = per_sample ? batch : tokens;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(
-      units, std::max<int64_t>(at::get_num_threads(), (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
-  const int64_t copies = per_sample ? 1 : blocks;
-  auto per_block = per_token ? at::Tensor() : at::zeros({copies, qg.size(0), qg.size(1), qg.size(2), d}, qg.options());
+  // (blocks of whole samples: at most T terms into each of a block's rows)
+  const int64_t threads = at::get_num_threads();
+  const bool per_token = query_gain.per_token(), per_sample = !per_token && qg.size(1) > 1 && batch >= threads;
+  const int64_t unit = per_sample ? sources[0].size(1) : 1, units = unit > 0 ? tokens / unit : 0;
+  const int64_t count = std::max<int64_t>(
+      1, std::min<int64_t>(units, std::max<int64_t>(threads, (tokens + kTokensPerBlock - 1) / kTokensPerBlock)));
+  auto per_block = per_token ? at::Tensor()
+                             : at::zeros({per_sample ? 1 : count, qg.size(0), qg.size(1), qg.size(2), d}, qg.options());
+  const TokenBlocks blocks{count, units, unit, per_token || per_sample ? 0 : per_block.stride(0)};
   auto grad_query_rows = per_token ? at::empty(qg.sizes(), qg.options()) : at::Tensor();
-  auto grad_gain_blocks = per_token ? at::zeros({blocks, d}, qg.options()) : at::Tensor();
+  auto grad_gain_blocks = per_token ? at::zeros({count, d}, qg.options()) : at::Tensor();
   std::vector<at::Tensor> dhs;
   for (const auto& g : grad_outputs) dhs.push_back(g.to(qg.scalar_type()).contiguous());
   const auto dlse = grad_lse.has_value() ? grad_lse->to(qg.scalar_type()).contiguous() : at::Tensor();
@@ -512,7 +523,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "dar::mix_backward", [&] {
     mix_backward<scalar_t>(sources, query_gain, h, alpha, logits, inv_rms, dhs, dlse, grad_sources, accumulate,
                            h.defined() ? grad_prefix[0] : at::Tensor(), h.defined() ? grad_prefix[1] : at::Tensor(),
-                           per_block, grad_query_rows, grad_gain_blocks, units, blocks);
+                           per_block, grad_query_rows, grad_gain_blocks, blocks);
   });
   std::vector<at::Tensor> grad_queries, grad_gains;
   if (per_token) {

@@ -79,11 +79,11 @@ CPU_KERNEL_OPENMP = ["-fopenmp"] if sys.platform == "linux" else []
 def _cpu_kernel_cflags():
     """-O3 and OpenMP, and 8-wide vectors (AVX2 with FMA, and F16C for float16 rows) where torch's own CPU kernels
     use them: CPU_CAPABILITY_AVX2 selects the AVX2 version of ATen's vector class, in which the kernel's inner
-    loops are written; without it that class is plain C++ loops, which the compiler vectorizes for the default
-    x86-64 target, 4-wide (the kernel then measured about 1.5x slower: docs/kernel.md). torch's CPU capability is
-    the CPU's, or lower when ATEN_CPU_CAPABILITY says so."""
+    loops are written. Without it (an x86 CPU without AVX2, Windows) that class is plain C++ loops and the kernel
+    measured 5x slower, though still faster than dar_mix (docs/kernel.md); on ARM it is NEON either way. torch's
+    CPU capability is the CPU's, or lower when ATEN_CPU_CAPABILITY says so."""
     avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and sys.platform != "win32"  # GCC/Clang flags
-    vectors = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"] if avx2 else []
+    vectors = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if avx2 else []
     return ["-O3", *CPU_KERNEL_OPENMP, *vectors]
 
 
@@ -116,8 +116,10 @@ def _load_cpu_kernel():
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
             lock.unlink(missing_ok=True)
         build_dir.mkdir(parents=True, exist_ok=True)
+        # the flag lists are copies: the loader appends torch's own link flags to the list it is given
         cpp_extension.load(name="dar_cpu", sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=_cpu_kernel_cflags(),
-                           extra_ldflags=CPU_KERNEL_OPENMP, build_directory=str(build_dir), is_python_module=False)
+                           extra_ldflags=list(CPU_KERNEL_OPENMP), build_directory=str(build_dir),
+                           is_python_module=False)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         print(f"router: the CPU routing kernel could not be built ({_build_failure(error)}); kernel 'auto' uses "
               "the plain PyTorch dar_mix instead (install a C++ compiler and ninja for the fast path)", file=sys.stderr)

@@ -156,6 +156,13 @@ def test_the_kernel_build_follows_the_cpu_vector_capability(monkeypatch):
     assert builds["DEFAULT"][1] != builds["AVX2"][1] == builds["AVX512"][1]
 
 
+def test_loading_the_kernel_leaves_its_build_flags_as_they_were():
+    """PyTorch's loader appends its link flags to the list it is given: were that our list, the compiler flags,
+    and with them the build folder, would change after the first load, and a later load would compile again."""
+    assert router_cpu.cpu_kernel_available()
+    assert router_cpu.CPU_KERNEL_OPENMP == (["-fopenmp"] if sys.platform == "linux" else [])
+
+
 @pytest.mark.parametrize("query", ["static", "timestep", "dynamic"])
 @pytest.mark.parametrize("chunk", [1, 4, 8, 5])
 def test_cpu_kernel_routes_and_trains_as_the_torch_kernel(query, chunk, monkeypatch):
@@ -293,6 +300,33 @@ def test_a_group_mixes_as_each_consumer_alone(kind, dtype, tolerance, tokens, th
     for grad, grad_ref, leaf in zip(grads, grads_ref, leaves):
         assert grad.dtype == leaf.dtype
         torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_summed_in_reduced_precision_buffers(dtype):
+    """Two consumers of the same bf16 / float16 sources at 45 features: the second one's backward reads the
+    buffer the first one wrote, in the sources' dtype, adds its term and stores it back (every vector loop and
+    the scalar tail), as dar_mix's gradients."""
+    query, gain, *sources = mix_inputs("timestep", n=5, batch=2, tokens=6, dim=45, dtype=torch.float32)
+    sources = [s.detach().to(dtype).requires_grad_() for s in sources]
+    gradient_sums = [router.SourceGradient() for _ in sources]
+    read = [g.collect(s) for g, s in zip(gradient_sums, sources)]
+    h = sum(cpu_dar_mix(read, q, gain, gradient_sums=gradient_sums)[0] for q in (query, -query))
+    h_ref = sum(dar_mix(sources, q, gain)[0] for q in (query, -query))
+    grad_h = torch.randn_like(h)
+    for grad, grad_ref in zip(torch.autograd.grad(h, sources, grad_h), torch.autograd.grad(h_ref, sources, grad_h)):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["static", "timestep"])
+def test_sources_without_tokens_mix_to_nothing(kind):
+    """Zero tokens (T = 0): empty outputs and gradients, not a crash in the kernel's split of the tokens."""
+    query, gain, *sources = mix_inputs(kind, n=3, batch=2, tokens=0, dim=8)
+    h, alpha = cpu_dar_mix(sources, query, gain)
+    assert h.shape == (2, 0, 8) and alpha.shape == (2, 0, 3)
+    grads = torch.autograd.grad(h.sum(), [query, gain, *sources], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
 
 
 @pytest.mark.parametrize("kind", ["static", "timestep"])
@@ -437,7 +471,7 @@ import router_cpu
 assert not router_cpu._cpu_kernel_loaded  # nothing has loaded the kernel yet: dynamo's trace is the first to ask
 torch.compile(compiled, backend="aot_eager", fullgraph=True)(x, t, y).pow(2).mean().backward()
 eager(x, t, y).pow(2).mean().backward()
-for p, p_ref in zip(compiled.parameters(), eager.parameters()):  # eager mixes in groups: the same sums, reordered
+for p, p_ref in zip(compiled.parameters(), eager.parameters()):  # eager mixes in groups: the same sums, rounded apart
     torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
 assert eager.router.mixers[0].query.grad.abs().max() > 0  # the routing itself is differentiated
 print("same gradients")
