@@ -321,8 +321,9 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, blocks.count, 1, [&](int64_t first_block, int64_t end_block) {
     std::vector<acc_t> row(gain == nullptr ? 0 : d), row_grad(gain == nullptr ? 0 : d);
-    // per token: dz [G, N]; dh_c and q_c g, the rows a source's gradient row sums, with their weights per source
-    std::vector<acc_t> dz(consumers * n), weights(2 * consumers), query_weights(n);
+    // per token: dz and c = dz r / sqrt(d), [G, N]; dh_c and q_c g, the rows a source's gradient row sums, with
+    // their weights per source
+    std::vector<acc_t> dz(consumers * n), coefficients(consumers * n), weights(2 * consumers);
     std::vector<const acc_t*> consumer_rows(2 * consumers);
     std::vector<acc_t*> gq(consumers);
     std::vector<const scalar_t*> rows(n);
@@ -331,10 +332,10 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
       const int64_t block_end = blocks.begin(block + 1);
       for (int64_t token = blocks.begin(block); token < block_end; ++token) {
         for (int64_t c = 0; c < consumers; ++c) {
+          const acc_t* qc = query.at(c, token);
           consumer_rows[c] = dhs[c] + token * d;
-          consumer_rows[consumers + c] = c == 0 ? query_gain_row(query.at(0, token), gain, row.data(), d)
-                                                : query.at(c, token);
-          gq[c] = gain ? row_grad.data() : block_grad + (query.at(c, token) - query.data);  // this token's row
+          consumer_rows[consumers + c] = c == 0 ? query_gain_row(qc, gain, row.data(), d) : qc;
+          gq[c] = gain ? row_grad.data() : block_grad + (qc - query.data);  // this token's row
         }
         for (int64_t i = 0; i < n; ++i) {  // dz first holds dh_c . s_i
           rows[i] = src[i] + token * d;
@@ -357,7 +358,10 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
             dprefix_z[token] = (delta - mixed) - ap * (delta - dl);
             weighted_sum(dprefix + token * d, false, Terms<acc_t, acc_t>{&dh, &ap, 1}, Terms<acc_t, acc_t>{}, d);
           }
-          for (int64_t i = 0; i < n; ++i) dz[c * n + i] = ac[first + i] * (dz[c * n + i] - delta + dl);
+          for (int64_t i = 0; i < n; ++i) {
+            dz[c * n + i] = ac[first + i] * (dz[c * n + i] - delta + dl);
+            coefficients[c * n + i] = dz[c * n + i] * r[token * n + i] * scale;
+          }
         }
         // dL/ds_i = sum_c (alpha_ci dh_c + c_ci q_c g) - (sum_c rho_ci) s_i, c_ci = dz_ci r_i / sqrt(d),
         // rho_ci = dz_ci z_ci r_i^2 / d: one pass over the row, added to what it holds where accumulate[i]
@@ -367,7 +371,7 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
           for (int64_t c = 0; c < consumers; ++c) {
             const int64_t item = (token * consumers + c) * items + first + i;
             weights[c] = a[item];
-            weights[consumers + c] = dz[c * n + i] * ri * scale;
+            weights[consumers + c] = coefficients[c * n + i];
             rho += dz[c * n + i] * z[item] * ri * ri / d;
           }
           const acc_t minus_rho = -rho;
@@ -376,8 +380,7 @@ void mix_backward(const std::vector<at::Tensor>& sources, const QueryGain& query
                        Terms<scalar_t, acc_t>{&rows[i], &minus_rho, 1}, d);
         }
         for (int64_t c = 0; c < consumers; ++c) {  // dL/d(q_c g) += sum_i c_ci s_i
-          for (int64_t i = 0; i < n; ++i) query_weights[i] = dz[c * n + i] * r[token * n + i] * scale;
-          const Terms<scalar_t, acc_t> sources_weighted{rows.data(), query_weights.data(), n};
+          const Terms<scalar_t, acc_t> sources_weighted{rows.data(), coefficients.data() + c * n, n};
           weighted_sum(gq[c], !gain, Terms<acc_t, acc_t>{}, sources_weighted, d);
         }
         if (gain) {  // a per-token query: this token's dL/dq row and its share of dL/dg
