@@ -50,7 +50,8 @@
 
 namespace {
 
-constexpr int64_t kTokensPerTask = 16;    // forward: tokens per parallel task, enough work to amortize its start
+constexpr int64_t kTokensPerTask = 16;    // forward: tokens per parallel task (enough work to amortize its start)
+                                          // and per softmax pass (below)
 constexpr int64_t kTokensPerBlock = 256;  // backward: tokens whose query gradient one block sums in order
 // Each token reads one row of every source (and backward writes one row of every source gradient): 10 to 50
 // interleaved streams, more than the hardware prefetcher follows, so a row would arrive from memory only when
@@ -226,47 +227,59 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
   acc_t* m = lse.data_ptr<acc_t>();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(gain == nullptr ? 0 : d);
+    std::vector<acc_t> row(gain == nullptr ? 0 : d), maxima(kTokensPerTask * consumers), sums(maxima.size());
     std::vector<const scalar_t*> rows(n);
     std::vector<const acc_t*> q(consumers);
-    for (int64_t token = begin; token < end; ++token) {
-      for (int64_t c = 0; c < consumers; ++c) q[c] = query.at(c, token);
-      q[0] = query_gain_row(q[0], gain, row.data(), d);
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t* s = rows[i] = src[i] + token * d;
-        if (token + kPrefetchTokens < end) prefetch_row<false>(s + kPrefetchTokens * d, d);
-        const acc_t ri = acc_t(1) / std::sqrt(dot<acc_t>(s, s, d) / d + acc_t(eps));
-        r[token * n + i] = ri;
-        for (int64_t c = 0; c < consumers; ++c) {  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i, the row in cache
-          z[(token * consumers + c) * items + first + i] = dot<acc_t>(s, q[c], d) * ri * scale;
+    // Up to kTokensPerTask tokens at a time, in three passes: the logits, the softmaxes of all of them (one
+    // vectorized exp and one log over the block, not a call per token), the weighted sums (the rows still in cache)
+    for (int64_t block = begin; block < end; block += kTokensPerTask) {
+      const int64_t block_end = std::min(end, block + kTokensPerTask), block_rows = (block_end - block) * consumers;
+      for (int64_t token = block; token < block_end; ++token) {
+        for (int64_t c = 0; c < consumers; ++c) q[c] = query.at(c, token);
+        q[0] = query_gain_row(q[0], gain, row.data(), d);
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* s = src[i] + token * d;
+          if (token + kPrefetchTokens < end) prefetch_row<false>(s + kPrefetchTokens * d, d);
+          const acc_t ri = acc_t(1) / std::sqrt(dot<acc_t>(s, s, d) / d + acc_t(eps));
+          r[token * n + i] = ri;
+          for (int64_t c = 0; c < consumers; ++c) {  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i, the row in cache
+            z[(token * consumers + c) * items + first + i] = dot<acc_t>(s, q[c], d) * ri * scale;
+          }
         }
+        if (prefix_z) z[token * items] = prefix_z[token];  // a prefix: one consumer, its logit lse_P first
       }
-      // Eq. 5: alpha = softmax over the items, one row per consumer; the token's exps in one vectorized pass
-      acc_t *token_z = z + token * consumers * items, *token_alpha = a + token * consumers * items;
-      for (int64_t c = 0; c < consumers; ++c) {
-        acc_t *zc = token_z + c * items, *ac = token_alpha + c * items;
-        if (prefix_z) zc[0] = prefix_z[token];
+      // Eq. 5: alpha = softmax over the items, one row per (token, consumer); the block's rows are contiguous
+      acc_t *block_z = z + block * consumers * items, *block_alpha = a + block * consumers * items;
+      for (int64_t j = 0; j < block_rows; ++j) {
+        const acc_t *zj = block_z + j * items;
         acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t i = 0; i < items; ++i) max_logit = std::max(max_logit, zc[i]);
-        for (int64_t i = 0; i < items; ++i) ac[i] = zc[i] - max_logit;
-        m[c * tokens + token] = max_logit;
+        for (int64_t i = 0; i < items; ++i) max_logit = std::max(max_logit, zj[i]);
+        for (int64_t i = 0; i < items; ++i) block_alpha[j * items + i] = zj[i] - max_logit;
+        maxima[j] = max_logit;
       }
-      // Vectorized::exp is Sleef's (the AVX2 build), which libtorch_cpu exports; a torch that did not would fail
-      // to load this kernel, and kernel "auto" would fall back to dar_mix, saying why
-      at::vec::map([](Vec<acc_t> x) { return x.exp(); }, token_alpha, token_alpha, consumers * items);
-      for (int64_t c = 0; c < consumers; ++c) {
-        acc_t* ac = token_alpha + c * items;
+      // Vectorized::exp and ::log are Sleef's (the AVX2 build), which libtorch_cpu exports; a torch that did not
+      // would fail to load this kernel, and kernel "auto" would fall back to dar_mix, saying why
+      at::vec::map([](Vec<acc_t> x) { return x.exp(); }, block_alpha, block_alpha, block_rows * items);
+      for (int64_t j = 0; j < block_rows; ++j) {
+        acc_t* aj = block_alpha + j * items;
         acc_t total = 0;
-        for (int64_t i = 0; i < items; ++i) total += ac[i];
+        for (int64_t i = 0; i < items; ++i) total += aj[i];
         const acc_t inverse = acc_t(1) / total;
-        for (int64_t i = 0; i < items; ++i) ac[i] *= inverse;
-        m[c * tokens + token] += std::log(total);
+        for (int64_t i = 0; i < items; ++i) aj[i] *= inverse;
+        sums[j] = total;
       }
-      const acc_t* prefix_row = prefix_rows ? prefix_rows + token * d : nullptr;
-      for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P: `first` is 1 with a prefix)
-        const acc_t* ac = token_alpha + c * items;
-        weighted_sum(out[c] + token * d, false, Terms<acc_t, acc_t>{&prefix_row, ac, first},
-                     Terms<scalar_t, acc_t>{rows.data(), ac + first, n}, d);
+      at::vec::map([](Vec<acc_t> x) { return x.log(); }, sums.data(), sums.data(), block_rows);
+      for (int64_t j = 0; j < block_rows; ++j) {  // lse = max + log sum exp(z - max), [G, B, T]
+        m[(j % consumers) * tokens + block + j / consumers] = maxima[j] + sums[j];
+      }
+      for (int64_t token = block; token < block_end; ++token) {
+        for (int64_t i = 0; i < n; ++i) rows[i] = src[i] + token * d;
+        const acc_t* prefix_row = prefix_rows ? prefix_rows + token * d : nullptr;
+        for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P: `first` is 1 with a prefix)
+          const acc_t* ac = a + (token * consumers + c) * items;
+          weighted_sum(out[c] + token * d, false, Terms<acc_t, acc_t>{&prefix_row, ac, first},
+                       Terms<scalar_t, acc_t>{rows.data(), ac + first, n}, d);
+        }
       }
     }
   });
@@ -406,6 +419,13 @@ void check_sources(const std::vector<at::Tensor>& sources) {
   }
 }
 
+// t as a contiguous tensor of `dtype`: t itself when it is one already. Each ATen call costs a few microseconds
+// of dispatch whatever it does, and a group's call would otherwise make dozens that change nothing.
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.to(dtype).contiguous();
+}
+
 // The kernels' QueryGain, in the accumulation dtype, from G queries [d] or [1 or B, 1 or T, d] (all of one shape)
 // and G gains [d] (a transient: the queries and the gains are what the backward keeps). Per-token: one query
 // [B, T, d] (dynamic).
@@ -413,7 +433,6 @@ QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const std::vecto
                         const std::vector<at::Tensor>& gains, at::ScalarType accumulation) {
   const int64_t batch = sources[0].size(0), tokens = sources[0].size(1), d = sources[0].size(2);
   TORCH_CHECK(!queries.empty() && queries.size() == gains.size(), "dar::mix: one gain per query");
-  std::vector<at::Tensor> query_gains;
   for (size_t c = 0; c < queries.size(); ++c) {
     const auto &query = queries[c], &gain = gains[c];
     TORCH_CHECK(query.device().is_cpu() && gain.device().is_cpu(), "dar::mix: query and gain must be CPU tensors");
@@ -425,13 +444,26 @@ QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const std::vecto
     TORCH_CHECK(query.sizes() == queries[0].sizes(), "dar::mix: the queries of a group must have one shape");
     if (query.dim() == 3 && query.size(0) == batch && query.size(1) == tokens && tokens > 1) {
       TORCH_CHECK(queries.size() == 1, "dar::mix: a per-token query cannot be grouped");
-      return {query.to(accumulation).contiguous().unsqueeze(0), gain.to(accumulation).contiguous()};
+      return {contiguous_as(query, accumulation).unsqueeze(0), contiguous_as(gain, accumulation)};
     }
-    const int64_t query_batch = query.dim() == 1 ? 1 : query.size(0);
-    const int64_t query_tokens = query.dim() == 1 ? 1 : query.size(1);
-    query_gains.push_back((query.to(accumulation) * gain.to(accumulation)).reshape({query_batch, query_tokens, d}));
   }
-  return {at::stack(query_gains).contiguous(), at::Tensor()};
+  // q g of every consumer, multiplied here into one [G, 1 or B, 1, d] tensor (not an ATen op per consumer)
+  const auto& shape = queries[0];
+  const int64_t rows = shape.dim() == 1 ? 1 : shape.size(0) * shape.size(1);
+  auto query_gain = at::empty({int64_t(queries.size()), shape.dim() == 1 ? 1 : shape.size(0),
+                               shape.dim() == 1 ? 1 : shape.size(1), d},
+                              sources[0].options().dtype(accumulation));
+  AT_DISPATCH_FLOATING_TYPES(accumulation, "dar::mix", [&] {
+    scalar_t* out = query_gain.data_ptr<scalar_t>();
+    for (size_t c = 0; c < queries.size(); ++c) {
+      const auto query = contiguous_as(queries[c], accumulation), gain = contiguous_as(gains[c], accumulation);
+      const scalar_t *q = query.data_ptr<scalar_t>(), *g = gain.data_ptr<scalar_t>();
+      for (int64_t row = 0; row < rows; ++row, out += d, q += d) {
+        for (int64_t k = 0; k < d; ++k) out[k] = q[k] * g[k];
+      }
+    }
+  });
+  return {query_gain, at::Tensor()};
 }
 
 at::ScalarType accumulation_type(const at::Tensor& source) {
@@ -455,8 +487,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
               "dar::mix: a prefix needs its logit, and only one consumer reads it");
   at::Tensor prefix_rows, prefix_z;
   if (prefix.has_value()) {
-    prefix_rows = prefix->to(accumulation).contiguous();
-    prefix_z = prefix_logit->to(accumulation).contiguous();
+    prefix_rows = contiguous_as(*prefix, accumulation);
+    prefix_z = contiguous_as(*prefix_logit, accumulation);
     TORCH_CHECK(prefix->device().is_cpu() && prefix_rows.sizes() == first.sizes() &&
                     prefix_logit->device().is_cpu() && prefix_z.numel() == first.size(0) * first.size(1),
                 "dar::mix: the prefix must be a CPU tensor [B, T, d] and its logit [B, T]");
@@ -516,9 +548,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   auto grad_query_rows = per_token ? at::empty(qg.sizes(), qg.options()) : at::Tensor();
   auto grad_gain_blocks = per_token ? at::zeros({count, d}, qg.options()) : at::Tensor();
   std::vector<at::Tensor> dhs;
-  for (const auto& g : grad_outputs) dhs.push_back(g.to(qg.scalar_type()).contiguous());
-  const auto dlse = grad_lse.has_value() ? grad_lse->to(qg.scalar_type()).contiguous() : at::Tensor();
-  const auto h = prefixed_h.has_value() ? prefixed_h->to(qg.scalar_type()).contiguous() : at::Tensor();
+  for (const auto& g : grad_outputs) dhs.push_back(contiguous_as(g, qg.scalar_type()));
+  const auto dlse = grad_lse.has_value() ? contiguous_as(*grad_lse, qg.scalar_type()) : at::Tensor();
+  const auto h = prefixed_h.has_value() ? contiguous_as(*prefixed_h, qg.scalar_type()) : at::Tensor();
   TORCH_CHECK(!h.defined() || (h.device().is_cpu() && h.sizes() == sources[0].sizes()),
               "dar::mix_group_backward_into: prefixed_h must be the consumer's h, [B, T, d]");
   std::vector<at::Tensor> grad_prefix;
@@ -534,12 +566,27 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     grad_gains.push_back(grad_gain_blocks.sum(0).to(gains[0].scalar_type()));
     return {grad_queries, grad_gains, grad_prefix};
   }
-  const auto grad_query_gains = per_block.sum(0);
-  for (int64_t c = 0; c < consumers; ++c) {
-    const auto grad_query_gain = grad_query_gains[c].reshape(queries[c].sizes());
-    grad_queries.push_back((grad_query_gain * gains[c]).to(queries[c].scalar_type()));
-    grad_gains.push_back((grad_query_gain * queries[c]).reshape({-1, d}).sum(0).to(gains[c].scalar_type()));
-  }
+  // dL/d(q_c g), the blocks' copies summed, into dq_c = g_c dL/d(q_c g) and dg_c = sum over q_c's rows of
+  // q_c dL/d(q_c g): loops here, not a handful of ATen ops per consumer
+  const int64_t copies = per_block.size(0), rows = qg.size(1) * qg.size(2);
+  AT_DISPATCH_FLOATING_TYPES(qg.scalar_type(), "dar::mix_backward", [&] {
+    const scalar_t* blocks_grad = per_block.data_ptr<scalar_t>();
+    const int64_t copy_stride = per_block.stride(0);
+    for (int64_t c = 0; c < consumers; ++c) {
+      const auto query = contiguous_as(queries[c], qg.scalar_type()), gain = contiguous_as(gains[c], qg.scalar_type());
+      auto grad_query = at::empty(query.sizes(), qg.options()), grad_gain = at::zeros({d}, qg.options());
+      const scalar_t *q = query.data_ptr<scalar_t>(), *g = gain.data_ptr<scalar_t>();
+      scalar_t *dq = grad_query.data_ptr<scalar_t>(), *dg = grad_gain.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < rows * d; ++j) {
+        scalar_t grad_query_gain = blocks_grad[c * rows * d + j];
+        for (int64_t copy = 1; copy < copies; ++copy) grad_query_gain += blocks_grad[copy * copy_stride + c * rows * d + j];
+        dq[j] = grad_query_gain * g[j % d];
+        dg[j % d] += grad_query_gain * q[j];
+      }
+      grad_queries.push_back(contiguous_as(grad_query, queries[c].scalar_type()));
+      grad_gains.push_back(contiguous_as(grad_gain, gains[c].scalar_type()));
+    }
+  });
   return {grad_queries, grad_gains, grad_prefix};
 }
 
