@@ -50,8 +50,7 @@
 
 namespace {
 
-constexpr int64_t kTokensPerTask = 16;    // forward: tokens per parallel task (enough work to amortize its start)
-                                          // and per softmax pass (below)
+constexpr int64_t kTokensPerTask = 16;    // forward: tokens per parallel task, enough work to amortize its start
 constexpr int64_t kTokensPerBlock = 256;  // backward: tokens whose query gradient one block sums in order
 // Each token reads one row of every source (and backward writes one row of every source gradient): 10 to 50
 // interleaved streams, more than the hardware prefetcher follows, so a row would arrive from memory only when
@@ -227,59 +226,47 @@ void mix_forward(const std::vector<at::Tensor>& sources, const QueryGain& query_
   acc_t* m = lse.data_ptr<acc_t>();
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(gain == nullptr ? 0 : d), maxima(kTokensPerTask * consumers), sums(maxima.size());
+    std::vector<acc_t> row(gain == nullptr ? 0 : d);
     std::vector<const scalar_t*> rows(n);
     std::vector<const acc_t*> q(consumers);
-    // Up to kTokensPerTask tokens at a time, in three passes: the logits, the softmaxes of all of them (one
-    // vectorized exp and one log over the block, not a call per token), the weighted sums (the rows still in cache)
-    for (int64_t block = begin; block < end; block += kTokensPerTask) {
-      const int64_t block_end = std::min(end, block + kTokensPerTask), block_rows = (block_end - block) * consumers;
-      for (int64_t token = block; token < block_end; ++token) {
-        for (int64_t c = 0; c < consumers; ++c) q[c] = query.at(c, token);
-        q[0] = query_gain_row(q[0], gain, row.data(), d);
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* s = src[i] + token * d;
-          if (token + kPrefetchTokens < end) prefetch_row<false>(s + kPrefetchTokens * d, d);
-          const acc_t ri = acc_t(1) / std::sqrt(dot<acc_t>(s, s, d) / d + acc_t(eps));
-          r[token * n + i] = ri;
-          for (int64_t c = 0; c < consumers; ++c) {  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i, the row in cache
-            z[(token * consumers + c) * items + first + i] = dot<acc_t>(s, q[c], d) * ri * scale;
-          }
+    for (int64_t token = begin; token < end; ++token) {
+      for (int64_t c = 0; c < consumers; ++c) q[c] = query.at(c, token);
+      q[0] = query_gain_row(q[0], gain, row.data(), d);
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* s = rows[i] = src[i] + token * d;
+        if (token + kPrefetchTokens < end) prefetch_row<false>(s + kPrefetchTokens * d, d);
+        const acc_t ri = acc_t(1) / std::sqrt(dot<acc_t>(s, s, d) / d + acc_t(eps));
+        r[token * n + i] = ri;
+        for (int64_t c = 0; c < consumers; ++c) {  // z_i = q . k_i / sqrt(d), k_i = g s_i r_i, the row in cache
+          z[(token * consumers + c) * items + first + i] = dot<acc_t>(s, q[c], d) * ri * scale;
         }
-        if (prefix_z) z[token * items] = prefix_z[token];  // a prefix: one consumer, its logit lse_P first
       }
-      // Eq. 5: alpha = softmax over the items, one row per (token, consumer); the block's rows are contiguous
-      acc_t *block_z = z + block * consumers * items, *block_alpha = a + block * consumers * items;
-      for (int64_t j = 0; j < block_rows; ++j) {
-        const acc_t *zj = block_z + j * items;
+      // Eq. 5: alpha = softmax over the items, one row per consumer; the token's exps in one vectorized pass
+      acc_t *token_z = z + token * consumers * items, *token_alpha = a + token * consumers * items;
+      for (int64_t c = 0; c < consumers; ++c) {
+        acc_t *zc = token_z + c * items, *ac = token_alpha + c * items;
+        if (prefix_z) zc[0] = prefix_z[token];
         acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t i = 0; i < items; ++i) max_logit = std::max(max_logit, zj[i]);
-        for (int64_t i = 0; i < items; ++i) block_alpha[j * items + i] = zj[i] - max_logit;
-        maxima[j] = max_logit;
+        for (int64_t i = 0; i < items; ++i) max_logit = std::max(max_logit, zc[i]);
+        for (int64_t i = 0; i < items; ++i) ac[i] = zc[i] - max_logit;
+        m[c * tokens + token] = max_logit;
       }
-      // Vectorized::exp and ::log are Sleef's (the AVX2 build), which libtorch_cpu exports; a torch that did not
-      // would fail to load this kernel, and kernel "auto" would fall back to dar_mix, saying why
-      at::vec::map([](Vec<acc_t> x) { return x.exp(); }, block_alpha, block_alpha, block_rows * items);
-      for (int64_t j = 0; j < block_rows; ++j) {
-        acc_t* aj = block_alpha + j * items;
+      // Vectorized::exp is Sleef's (the AVX2 build), which libtorch_cpu exports; a torch that did not would fail
+      // to load this kernel, and kernel "auto" would fall back to dar_mix, saying why
+      at::vec::map([](Vec<acc_t> x) { return x.exp(); }, token_alpha, token_alpha, consumers * items);
+      for (int64_t c = 0; c < consumers; ++c) {
+        acc_t* ac = token_alpha + c * items;
         acc_t total = 0;
-        for (int64_t i = 0; i < items; ++i) total += aj[i];
+        for (int64_t i = 0; i < items; ++i) total += ac[i];
         const acc_t inverse = acc_t(1) / total;
-        for (int64_t i = 0; i < items; ++i) aj[i] *= inverse;
-        sums[j] = total;
+        for (int64_t i = 0; i < items; ++i) ac[i] *= inverse;
+        m[c * tokens + token] += std::log(total);
       }
-      at::vec::map([](Vec<acc_t> x) { return x.log(); }, sums.data(), sums.data(), block_rows);
-      for (int64_t j = 0; j < block_rows; ++j) {  // lse = max + log sum exp(z - max), [G, B, T]
-        m[(j % consumers) * tokens + block + j / consumers] = maxima[j] + sums[j];
-      }
-      for (int64_t token = block; token < block_end; ++token) {
-        for (int64_t i = 0; i < n; ++i) rows[i] = src[i] + token * d;
-        const acc_t* prefix_row = prefix_rows ? prefix_rows + token * d : nullptr;
-        for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P: `first` is 1 with a prefix)
-          const acc_t* ac = a + (token * consumers + c) * items;
-          weighted_sum(out[c] + token * d, false, Terms<acc_t, acc_t>{&prefix_row, ac, first},
-                       Terms<scalar_t, acc_t>{rows.data(), ac + first, n}, d);
-        }
+      const acc_t* prefix_row = prefix_rows ? prefix_rows + token * d : nullptr;
+      for (int64_t c = 0; c < consumers; ++c) {  // h = sum_i alpha_i s_i (+ alpha_P P: `first` is 1 with a prefix)
+        const acc_t* ac = token_alpha + c * items;
+        weighted_sum(out[c] + token * d, false, Terms<acc_t, acc_t>{&prefix_row, ac, first},
+                     Terms<scalar_t, acc_t>{rows.data(), ac + first, n}, d);
       }
     }
   });
@@ -573,13 +560,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const scalar_t* blocks_grad = per_block.data_ptr<scalar_t>();
     const int64_t copy_stride = per_block.stride(0);
     for (int64_t c = 0; c < consumers; ++c) {
-      const auto query = contiguous_as(queries[c], qg.scalar_type()), gain = contiguous_as(gains[c], qg.scalar_type());
+      const auto query = contiguous_as(queries[c], qg.scalar_type());
+      const auto gain = contiguous_as(gains[c], qg.scalar_type());
       auto grad_query = at::empty(query.sizes(), qg.options()), grad_gain = at::zeros({d}, qg.options());
       const scalar_t *q = query.data_ptr<scalar_t>(), *g = gain.data_ptr<scalar_t>();
       scalar_t *dq = grad_query.data_ptr<scalar_t>(), *dg = grad_gain.data_ptr<scalar_t>();
       for (int64_t j = 0; j < rows * d; ++j) {
         scalar_t grad_query_gain = blocks_grad[c * rows * d + j];
-        for (int64_t copy = 1; copy < copies; ++copy) grad_query_gain += blocks_grad[copy * copy_stride + c * rows * d + j];
+        for (int64_t copy = 1; copy < copies; ++copy) {
+          grad_query_gain += blocks_grad[copy * copy_stride + c * rows * d + j];
+        }
         dq[j] = grad_query_gain * g[j % d];
         dg[j % d] += grad_query_gain * q[j];
       }
