@@ -435,10 +435,9 @@ QueryGain query_gain_of(const std::vector<at::Tensor>& sources, const std::vecto
     }
   }
   // q g of every consumer, multiplied here into one [G, 1 or B, 1, d] tensor (not an ATen op per consumer)
-  const auto& shape = queries[0];
-  const int64_t rows = shape.dim() == 1 ? 1 : shape.size(0) * shape.size(1);
-  auto query_gain = at::empty({int64_t(queries.size()), shape.dim() == 1 ? 1 : shape.size(0),
-                               shape.dim() == 1 ? 1 : shape.size(1), d},
+  const int64_t query_batch = queries[0].dim() == 1 ? 1 : queries[0].size(0);
+  const int64_t query_tokens = queries[0].dim() == 1 ? 1 : queries[0].size(1), rows = query_batch * query_tokens;
+  auto query_gain = at::empty({int64_t(queries.size()), query_batch, query_tokens, d},
                               sources[0].options().dtype(accumulation));
   AT_DISPATCH_FLOATING_TYPES(accumulation, "dar::mix", [&] {
     scalar_t* out = query_gain.data_ptr<scalar_t>();
@@ -564,14 +563,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       const auto gain = contiguous_as(gains[c], qg.scalar_type());
       auto grad_query = at::empty(query.sizes(), qg.options()), grad_gain = at::zeros({d}, qg.options());
       const scalar_t *q = query.data_ptr<scalar_t>(), *g = gain.data_ptr<scalar_t>();
+      const scalar_t* consumer_grad = blocks_grad + c * rows * d;
       scalar_t *dq = grad_query.data_ptr<scalar_t>(), *dg = grad_gain.data_ptr<scalar_t>();
-      for (int64_t j = 0; j < rows * d; ++j) {
-        scalar_t grad_query_gain = blocks_grad[c * rows * d + j];
-        for (int64_t copy = 1; copy < copies; ++copy) {
-          grad_query_gain += blocks_grad[copy * copy_stride + c * rows * d + j];
+      for (int64_t j = 0; j < rows * d; j += d) {  // one row of q_c at a time
+        for (int64_t k = 0; k < d; ++k) {
+          scalar_t grad_query_gain = consumer_grad[j + k];
+          for (int64_t copy = 1; copy < copies; ++copy) grad_query_gain += consumer_grad[copy * copy_stride + j + k];
+          dq[j + k] = grad_query_gain * g[k];
+          dg[k] += grad_query_gain * q[j + k];
         }
-        dq[j] = grad_query_gain * g[j % d];
-        dg[j % d] += grad_query_gain * q[j];
       }
       grad_queries.push_back(contiguous_as(grad_query, queries[c].scalar_type()));
       grad_gains.push_back(contiguous_as(grad_gain, gains[c].scalar_type()));
