@@ -76,7 +76,7 @@ class PatchEmbed(nn.Module):
 
     Token-major in memory, unlike timm's transposed view: every op on the stream after it (the residual adds,
     LayerNorm, the linear layers) would otherwise follow the transposed layout and copy it, which cost a
-    residual SiT-D/4 training step on CPU about 4% (docs/kernel.md)."""
+    residual SiT-D/4 training step on CPU about 4% (docs/kernel-log.md)."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()

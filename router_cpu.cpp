@@ -55,7 +55,7 @@ constexpr int64_t kTokensPerBlock = 256;  // backward: tokens whose query gradie
 // Each token reads one row of every source (and backward writes one row of every source gradient): 10 to 50
 // interleaved streams, more than the hardware prefetcher follows, so a row would arrive from memory only when
 // it is needed. Asking for each row kPrefetchTokens tokens ahead hides that wait (a DAR training step 1-9%
-// faster, most where a consumer reads most sources: docs/kernel.md). Only rows of the tokens the same task
+// faster, most where a consumer reads most sources: docs/kernel-log.md). Only rows of the tokens the same task
 // handles are asked for.
 constexpr int64_t kPrefetchTokens = 2;
 
@@ -74,7 +74,7 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
 // are (8 floats per AVX2 register; plain loops where router_cpu.py builds without AVX2 on x86, NEON on ARM), not
 // left to the compiler's `omp simd`: GCC ends such a reduction with a serial chain of scalar additions, and a
 // weighted sum went back to memory after every source. Written out, a group's call with its rows in cache
-// measured 30% faster forward, 25% backward (docs/kernel.md).
+// measured 30% faster forward, 25% backward (docs/kernel-log.md).
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
