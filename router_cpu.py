@@ -26,6 +26,10 @@ def require_cpu_kernel():
                            "use kernel 'torch' or 'auto'")
 
 
+NO_SECOND_DERIVATIVE = ("kernel 'cpu' has no second derivative (its backward is written by hand): use kernel 'torch' "
+                        "to differentiate through a gradient (create_graph=True)")
+
+
 class MixGroup(torch.autograd.Function):
     """dar::mix_group forward (G consumers, or one after a prefix); backward, dar::mix_group_backward_into: dL/ds_i
     into the sources' gradient sums (router.SourceGradient), each consumer's dL/dq and dL/dg, and with a prefix
@@ -44,8 +48,9 @@ class MixGroup(torch.autograd.Function):
         return (*outputs, lse, alpha)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph: once_differentiable would hand back constants, not refuse
+            raise RuntimeError(NO_SECOND_DERIVATIVE)
         kept, alpha, logits, inv_rms, *tensors = ctx.saved_tensors
         consumers = ctx.consumers
         queries, gains, sources = tensors[:consumers], tensors[consumers:2 * consumers], tensors[2 * consumers:]
@@ -127,6 +132,7 @@ def _load_cpu_kernel():
     torch.library.register_fake("dar::mix", _mix_shapes)
     torch.library.register_fake("dar::mix_backward", _mix_backward_shapes)
     torch.library.register_autograd("dar::mix", _mix_gradients, setup_context=_save_for_mix_backward)
+    torch.library.register_autograd("dar::mix_backward", _no_second_derivative)
     return True
 
 
@@ -154,3 +160,10 @@ def _mix_gradients(ctx, grad_h, *_):
     grad_sources, grad_query, grad_gain = torch.ops.dar.mix_backward(sources, query, gain, alpha, logits, inv_rms,
                                                                      grad_h)
     return grad_sources, grad_query, grad_gain, None
+
+
+def _no_second_derivative(ctx, *grads):
+    """A gradient taken through the hand-written backward (create_graph=True, then differentiated again). Without
+    this, autograd would only warn and treat dar::mix_backward as a constant: a wrong second derivative, not an
+    error. (MixGroup, in eager mode, refuses create_graph itself.)"""
+    raise RuntimeError(NO_SECOND_DERIVATIVE)

@@ -274,8 +274,10 @@ class _FusedMix(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # as the custom op: no second derivative
     def backward(ctx, grad_out, *_):
+        if torch.is_grad_enabled():  # create_graph: once_differentiable would hand back constants, not refuse
+            raise RuntimeError("kernel 'triton' has no second derivative (its backward is written by hand): use "
+                               "kernel 'torch' to differentiate through a gradient (create_graph=True)")
         def gradients(sources, *arguments):
             if ctx.gradient_sums is None:
                 return _mix_gradients(sources, *arguments)

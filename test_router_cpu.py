@@ -103,6 +103,21 @@ def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind, summed):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("summed", [False, True], ids=["functional", "gradient-sums"])
+def test_a_second_derivative_is_refused_not_wrong(summed):
+    """The hand-written backward is not itself differentiable: a gradient taken through it must fail, not pass for
+    a constant (what autograd alone, or once_differentiable with an upstream gradient that needs none, would do:
+    a wrong second derivative). The functional op refuses when its gradient is differentiated; the eager group op
+    as soon as a gradient is asked for with create_graph."""
+    query, gain, *sources = mix_inputs("static")
+    gradient_sums = [router.SourceGradient() for _ in sources] if summed else None
+    read = [g.collect(s) for g, s in zip(gradient_sums, sources)] if summed else sources
+    h, _ = cpu_dar_mix(read, query, gain, gradient_sums=gradient_sums)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        grad_query, = torch.autograd.grad(h.sum(), query, create_graph=True)
+        torch.autograd.grad(grad_query.sum() + gain.square().sum(), gain)
+
+
 def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys):
     """A machine that cannot build router_cpu.cpp still trains (kernel auto: dar_mix) and kernel cpu is a clear
     error; the build failure is reported once, in one line."""

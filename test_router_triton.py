@@ -235,15 +235,21 @@ def test_eager_calls_run_the_kernels_without_the_custom_op_dispatch():
     assert not any("dar::fused_mix" in name for name in names), sorted(names)
 
 
-def test_a_second_derivative_is_refused_not_wrong():
-    """The hand-written backward is not itself differentiable: asking through it must fail, in eager mode as
-    through the custom op, rather than return a wrong number."""
+@pytest.mark.parametrize("path", ["eager", "custom-op"])
+def test_a_second_derivative_is_refused_not_wrong(path):
+    """The hand-written backward is not itself differentiable: a gradient taken through it must fail, not pass for
+    a constant (once_differentiable, with an upstream gradient that needs none, would hand back constants: a wrong
+    second derivative). Eager mode refuses create_graph; the custom op (torch.compile's path) refuses when its
+    gradient is differentiated, dar::fused_mix_backward having no autograd."""
     leaves, grad_h = make_inputs(3, 2, 5, 16, "static", torch.float64)
     query, gain, *sources = leaves
-    h, _ = fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=False)
-    grad_query, = torch.autograd.grad(h, query, grad_h, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(grad_query.sum(), gain)
+    if path == "eager":
+        h, _ = fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=False)
+    else:
+        h = torch.ops.dar.fused_mix(sources, query, gain, RMS_EPS, False, None)[0]
+    with pytest.raises(RuntimeError, match="no second derivative|no autograd formula"):
+        grad_query, = torch.autograd.grad(h, query, grad_h, create_graph=True)
+        torch.autograd.grad(grad_query.sum() + gain.square().sum(), gain)
 
 
 def test_bfloat16_sources_are_saved_without_float32_copies():
