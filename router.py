@@ -519,7 +519,10 @@ class SourceGradient:
 
 class _HandOnGradientSum(torch.autograd.Function):
     """s itself forward; backward, dL/ds: the SourceGradient's total, plus what reached s through autograd (a
-    raw output read also through its chunk's summary)."""
+    raw output read also through its chunk's summary). Not once_differentiable: under create_graph the gradient
+    that reaches s through autograd keeps its graph, so that a second derivative meets the kernels' refusal
+    instead of silently missing this path (a total only exists where a kernel's backward, which refuses
+    create_graph, added to it)."""
 
     @staticmethod
     def forward(ctx, gradient_sum, source):
@@ -528,7 +531,6 @@ class _HandOnGradientSum(torch.autograd.Function):
         return source.view_as(source)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         total = ctx.gradient_sum.take()
         if total is None:

@@ -49,7 +49,7 @@ class MixGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph: once_differentiable would hand back constants, not refuse
+        if torch.is_grad_enabled():  # create_graph: this backward records no graph; refuse, not miss this path
             raise RuntimeError(NO_SECOND_DERIVATIVE)
         kept, alpha, logits, inv_rms, *tensors = ctx.saved_tensors
         consumers = ctx.consumers

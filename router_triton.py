@@ -260,6 +260,10 @@ def _mix_gradients(sources, query, gain, out, lse, grad_out, eps, block_tokens, 
     return grad_sources, grad_query.to(query.dtype), grad_gain_partial.sum(dim=(0, 1)).to(gain.dtype)
 
 
+NO_SECOND_DERIVATIVE = ("kernel 'triton' has no second derivative (its backward is written by hand): use kernel "
+                        "'torch' to differentiate through a gradient (create_graph=True)")
+
+
 class _FusedMix(torch.autograd.Function):
     """Eager mode: _mix forward, _mix_gradients backward, with no custom-op dispatch around them. Unlike the
     custom op it has no fake implementation: tracing outside torch.compile and export (FakeTensorMode, make_fx)
@@ -275,9 +279,8 @@ class _FusedMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        if torch.is_grad_enabled():  # create_graph: once_differentiable would hand back constants, not refuse
-            raise RuntimeError("kernel 'triton' has no second derivative (its backward is written by hand): use "
-                               "kernel 'torch' to differentiate through a gradient (create_graph=True)")
+        if torch.is_grad_enabled():  # create_graph: this backward records no graph; refuse, not miss this path
+            raise RuntimeError(NO_SECOND_DERIVATIVE)
         def gradients(sources, *arguments):
             if ctx.gradient_sums is None:
                 return _mix_gradients(sources, *arguments)

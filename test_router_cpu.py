@@ -103,19 +103,22 @@ def test_cpu_dar_mix_on_several_threads_matches_dar_mix(kind, summed):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("summed", [False, True], ids=["functional", "gradient-sums"])
-def test_a_second_derivative_is_refused_not_wrong(summed):
+@pytest.mark.parametrize("path", ["functional", "gradient-sums", "collected-functional"])
+def test_a_second_derivative_is_refused_not_wrong(path):
     """The hand-written backward is not itself differentiable: a gradient taken through it must fail, not pass for
-    a constant (what autograd alone, or once_differentiable with an upstream gradient that needs none, would do:
-    a wrong second derivative). The functional op refuses when its gradient is differentiated; the eager group op
-    as soon as a gradient is asked for with create_graph."""
+    a constant or drop out of the graph (what autograd alone, or once_differentiable, would do: a wrong second
+    derivative). The functional op refuses when its gradient is differentiated; the eager group op as soon as a
+    gradient is asked for with create_graph. "collected-functional": sources handed on by their SourceGradient but
+    read by the functional op, as in a model where another source needs no gradient (a frozen v_0)."""
     query, gain, *sources = mix_inputs("static")
-    gradient_sums = [router.SourceGradient() for _ in sources] if summed else None
-    read = [g.collect(s) for g, s in zip(gradient_sums, sources)] if summed else sources
-    h, _ = cpu_dar_mix(read, query, gain, gradient_sums=gradient_sums)
+    gradient_sums = [router.SourceGradient() for _ in sources] if path != "functional" else None
+    read = [g.collect(s) for g, s in zip(gradient_sums, sources)] if gradient_sums else sources
+    h, _ = cpu_dar_mix(read, query, gain, gradient_sums=gradient_sums if path == "gradient-sums" else None)
     with pytest.raises(RuntimeError, match="no second derivative"):
-        grad_query, = torch.autograd.grad(h.sum(), query, create_graph=True)
-        torch.autograd.grad(grad_query.sum() + gain.square().sum(), gain)
+        first = torch.autograd.grad(h.sum(), sources, create_graph=True)
+        # + gain's own term: a first gradient cut off from the graph must not pass as "does not require grad"
+        torch.autograd.grad(sum(g.square().sum() for g in first) + gain.square().sum(), [gain, query],
+                            allow_unused=True)
 
 
 def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys):

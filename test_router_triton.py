@@ -238,7 +238,7 @@ def test_eager_calls_run_the_kernels_without_the_custom_op_dispatch():
 @pytest.mark.parametrize("path", ["eager", "custom-op"])
 def test_a_second_derivative_is_refused_not_wrong(path):
     """The hand-written backward is not itself differentiable: a gradient taken through it must fail, not pass for
-    a constant (once_differentiable, with an upstream gradient that needs none, would hand back constants: a wrong
+    a constant (once_differentiable, with an upstream gradient that needs none, hands back constants: a wrong
     second derivative). Eager mode refuses create_graph; the custom op (torch.compile's path) refuses when its
     gradient is differentiated, dar::fused_mix_backward having no autograd."""
     leaves, grad_h = make_inputs(3, 2, 5, 16, "static", torch.float64)
@@ -249,6 +249,7 @@ def test_a_second_derivative_is_refused_not_wrong(path):
         h = torch.ops.dar.fused_mix(sources, query, gain, RMS_EPS, False, None)[0]
     with pytest.raises(RuntimeError, match="no second derivative|no autograd formula"):
         grad_query, = torch.autograd.grad(h, query, grad_h, create_graph=True)
+        # + gain's own term: a first gradient cut off from the graph must not pass as "does not require grad"
         torch.autograd.grad(grad_query.sum() + gain.square().sum(), gain)
 
 
