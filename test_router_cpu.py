@@ -121,6 +121,27 @@ def test_a_second_derivative_is_refused_not_wrong(path):
                             allow_unused=True)
 
 
+def test_a_gradient_penalty_through_a_model_needs_the_torch_kernel():
+    """A gradient penalty (the input gradient's norm, differentiated again) through a whole DAR model: kernel
+    torch gives the routing parameters their share of it; kernel cpu refuses. On CPU with PyTorch's math attention:
+    its CPU flash attention has no second derivative (docs/failures.md)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x, t, y = batch()
+    x.requires_grad_()
+    for kernel in ("torch", "cpu"):
+        model = perturb(tiny("dar", "static", 4, kernel=kernel))
+        with sdpa_kernel(SDPBackend.MATH):
+            def penalty():
+                grad_x, = torch.autograd.grad(model(x, t, y).square().sum(), x, create_graph=True)
+                return grad_x.square().sum()
+            if kernel == "cpu":
+                with pytest.raises(RuntimeError, match="no second derivative"):
+                    penalty()
+            else:
+                grads = torch.autograd.grad(penalty(), [m.query for m in model.router.mixers])
+                assert all(torch.isfinite(g).all() for g in grads) and all(g.abs().sum() > 0 for g in grads)
+
+
 def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, capsys):
     """A machine that cannot build router_cpu.cpp still trains (kernel auto: dar_mix) and kernel cpu is a clear
     error; the build failure is reported once, in one line."""
