@@ -346,7 +346,13 @@ class DARRoute(Route):
         self._store((0, 0), self.v0)
 
     def aggregate(self, l, shift, scale, final=False):
-        """h_{l+1} (h_final when final): the input of the consumer after the l sublayer outputs written so far."""
+        """h_{l+1} (h_final when final): the input of the consumer after the l sublayer outputs written so far.
+        Every kernel returns h in its accumulation dtype (float32 for bf16 or fp16 sources): under autocast the next
+        sublayer takes it so, but a model cast to bf16 or fp16 needs its own dtype back."""
+        h = self._mix(l, shift, scale)
+        return h if h.dtype == self.v0.dtype or torch.is_autocast_enabled(h.device.type) else h.to(self.v0.dtype)
+
+    def _mix(self, l, shift, scale):
         consumer = l + 1
         ranges = chunk_sources(consumer, self.depth, self.chunk)
         for first, last in ranges:

@@ -170,9 +170,12 @@ def fused_dar_mix(sources, query, gain, eps, return_alpha=True, block_tokens=Non
     dtype = sources[0].dtype
     for s in sources[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
+    if accumulation_dtype(query, gain) == torch.float64:  # float64 accumulation reads float64 sources (as kernel cpu)
+        dtype = torch.float64
     if any(s.dtype != dtype for s in sources):
         sources, gradient_sums = [s.to(dtype) for s in sources], None  # converted: not the sources the sums are of
     sources = [s.contiguous() for s in sources]  # a no-op for the router's own sources
+    query = query.contiguous()  # the kernels index the query, and write its gradient, as a contiguous tensor
     if torch.compiler.is_compiling():
         h, _, alpha = torch.ops.dar.fused_mix(sources, query, gain, eps, return_alpha, block_tokens)
     else:

@@ -93,6 +93,22 @@ def test_bfloat16_is_accumulated_in_float32():
         assert_close(grad.float(), grad_ref.float(), 2e-2)
 
 
+def test_a_query_laid_out_otherwise_and_float64_parameters_over_bf16_sources():
+    """Inputs the router never makes but a direct caller may: a per-token query transposed in memory (its gradient
+    must come back in the query's layout, not the kernel's), and bf16 sources with float64 routing parameters
+    (float64 accumulation reads float64 copies of the sources, as kernel cpu does)."""
+    (query, gain, *sources), grad_h = make_inputs(3, 2, 5, 16, "per-token", torch.float64)
+    transposed = query.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not transposed.is_contiguous()
+    for inputs in ([transposed, gain, *sources],
+                   [query, gain, *(s.detach().bfloat16().requires_grad_() for s in sources)]):
+        h, _ = fused_dar_mix(inputs[2:], inputs[0], inputs[1], RMS_EPS, return_alpha=False)
+        h_ref, _ = dar_mix(inputs[2:], inputs[0], inputs[1])
+        assert_close(h, h_ref, 1e-12)
+        for grad, grad_ref in zip(torch.autograd.grad(h, inputs, grad_h), torch.autograd.grad(h_ref, inputs, grad_h)):
+            assert_close(grad.double(), grad_ref.double(), 1e-12 if grad.dtype == torch.float64 else 1e-2)
+
+
 def guarded_nan_views(shapes, dtype, guard=37):
     """Tensors of the given shapes inside one NaN-filled buffer, with NaN guard zones around each."""
     sizes = [torch.Size(shape).numel() for shape in shapes]
