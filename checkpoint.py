@@ -252,6 +252,9 @@ def load_model(path, ema=True, device="cpu"):
     """(the SiT of a checkpoint with its EMA (or raw) weights, in eval mode, the checkpoint dict)."""
     checkpoint = load_checkpoint(path, device)
     config = dict(checkpoint["model_config"])
+    # how DAR is computed is the loading machine's choice, not the run's: a run trained with kernel cpu samples
+    # on a GPU (and one trained with triton on a CPU); the weights are the same whichever kernel made them
+    config["kernel"] = "auto"
     model = create_model(config.pop("name"), **config)
     model.load_state_dict(checkpoint["ema" if ema else "model"])
     return model.to(device).eval(), checkpoint

@@ -110,8 +110,9 @@ def load_teacher(path, device):
 
 
 def student_config(teacher_config, args):
-    """G's (and the fake model's) model_config: the teacher's, under --router unless it is 'teacher'."""
-    config = dict(teacher_config)
+    """G's (and the fake model's) model_config: the teacher's, under --router unless it is 'teacher', with the
+    kernel this machine picks (auto), as checkpoint.load_model builds the teacher."""
+    config = dict(teacher_config, kernel="auto")
     if args.router != "teacher":
         config.update(router=args.router, query=args.query, chunk=args.chunk, logit_scale=args.logit_scale)
     return config
@@ -123,7 +124,7 @@ def build_student(config, teacher_checkpoint, device):
     rest = dict(config)
     model = create_model(rest.pop("name"), **rest)
     state = teacher_checkpoint["ema"]
-    if config == teacher_checkpoint["model_config"]:
+    if config == dict(teacher_checkpoint["model_config"], kernel="auto"):  # the teacher's model, whatever kernel
         model.load_state_dict(state)
     else:
         load_backbone(model, {k: v for k, v in state.items() if not k.startswith("router.")})

@@ -85,7 +85,9 @@ def test_dm_update_moves_a_linear_generator_to_the_gaussian_teacher():
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     return dict(residual=make_checkpoint(root / "residual" / "checkpoints" / "0000005.pt", router="residual", chunk=1),
-                dar=make_checkpoint(root / "dar" / "checkpoints" / "0000005.pt", seed=1), root=root)
+                dar=make_checkpoint(root / "dar" / "checkpoints" / "0000005.pt", seed=1),
+                dar_trained_with_kernel_cpu=make_checkpoint(root / "dar-cpu" / "checkpoints" / "0000005.pt", seed=1,
+                                                            kernel="cpu"), root=root)
 
 
 def build(teacher_path, *flags):
@@ -95,7 +97,8 @@ def build(teacher_path, *flags):
 
 
 @pytest.mark.parametrize("which, flags, tolerance", [
-    ("residual", [], 0.0), ("dar", [], 0.0), ("residual", ["--router", "dar", "--chunk", "2"], 1e-3)])  # LayerNorm eps
+    ("residual", [], 0.0), ("dar", [], 0.0), ("dar_trained_with_kernel_cpu", [], 0.0),
+    ("residual", ["--router", "dar", "--chunk", "2"], 1e-3)])  # LayerNorm eps
 def test_generator_at_step_zero_is_the_teachers_one_step_prediction(teachers, which, flags, tolerance):
     teacher, generator = build(teachers[which], *flags)
     z, y = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -108,6 +111,7 @@ def test_generator_at_step_zero_is_the_teachers_one_step_prediction(teachers, wh
         assert torch.allclose(two, euler_sample(guided_velocity(teacher, y), z, 2), atol=2 * tolerance, rtol=0)
     if flags:
         assert type(generator.router).__name__ != type(teacher.router).__name__
+    assert getattr(generator.router, "kernel", "auto") == "auto"  # the machine's kernel, not the teacher run's
 
 
 def test_resume_is_exact_and_sample_py_reads_the_generator(teachers, tmp_path):

@@ -195,6 +195,20 @@ def test_same_seed_same_samples_in_any_batch(tiny_model):
     assert len(set(first.flatten().tolist())) > 50  # real images, not a constant
 
 
+def test_a_checkpoint_loads_with_the_kernel_of_the_loading_machine(tmp_path):
+    """A run trained with an explicit --kernel (cpu here, triton on a GPU) is sampled with the kernel that suits the
+    machine that loads it (auto): the same velocities as the kernel it was trained with, on any device."""
+    trained = make_checkpoint(tmp_path / "0000005.pt", router="dar", query="timestep", chunk=2, kernel="triton")
+    model = load_model(trained)[0]
+    assert model.router.kernel == "auto"
+    reference = create_model(**dict(MODEL_CONFIG, in_channels=1, router="dar", query="timestep", chunk=2,
+                                    kernel="torch"))
+    reference.load_state_dict(torch.load(trained, weights_only=True)["ema"])
+    x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), reference.eval()(x, t, y), rtol=1e-5, atol=1e-5)
+
+
 def test_bare_sample_py_uses_newest_checkpoint(tmp_path, monkeypatch, capsys):
     old = make_checkpoint(tmp_path / "results" / "old-run" / "checkpoints" / "0000100.pt", step=100)
     new = make_checkpoint(tmp_path / "results" / "new-run" / "checkpoints" / "0000020.pt", step=20, seed=1)
