@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, load_model, resolve_checkpoint,
-                        save_checkpoint, step_seed)
+from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, load_model, on_this_machine,
+                        resolve_checkpoint, save_checkpoint, step_seed)
 from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
                   interpolate, sample_latents, seeded_noise_and_labels, write_sample_grid)
@@ -110,9 +110,9 @@ def load_teacher(path, device):
 
 
 def student_config(teacher_config, args):
-    """G's (and the fake model's) model_config: the teacher's, under --router unless it is 'teacher', with the
-    kernel this machine picks (auto), as checkpoint.load_model builds the teacher."""
-    config = dict(teacher_config, kernel="auto")
+    """G's (and the fake model's) model_config: the teacher's as checkpoint.load_model builds it, under --router
+    unless it is 'teacher'."""
+    config = on_this_machine(teacher_config)
     if args.router != "teacher":
         config.update(router=args.router, query=args.query, chunk=args.chunk, logit_scale=args.logit_scale)
     return config
@@ -124,7 +124,7 @@ def build_student(config, teacher_checkpoint, device):
     rest = dict(config)
     model = create_model(rest.pop("name"), **rest)
     state = teacher_checkpoint["ema"]
-    if config == dict(teacher_checkpoint["model_config"], kernel="auto"):  # the teacher's model, whatever kernel
+    if config == on_this_machine(teacher_checkpoint["model_config"]):
         model.load_state_dict(state)
     else:
         load_backbone(model, {k: v for k, v in state.items() if not k.startswith("router.")})

@@ -343,6 +343,8 @@ class DARRoute(Route):
         self.prefixes = {}  # consumer -> (P, lse_P, how many sources P mixes), from its group's first consumer
         self.stored = {}  # (first, last) sublayer range -> v_0, a raw output or a summary
         self.v0 = _as_source(v0)  # h_1, which is v_0 itself, not its `collect` (see _store)
+        # the dtype each h is handed on in (aggregate): the model's, or under autocast the kernel's own
+        self.hand_on_dtype = None if torch.is_autocast_enabled(v0.device.type) else self.v0.dtype
         self._store((0, 0), self.v0)
 
     def aggregate(self, l, shift, scale, final=False):
@@ -350,7 +352,7 @@ class DARRoute(Route):
         Every kernel returns h in its accumulation dtype (float32 for bf16 or fp16 sources): under autocast the next
         sublayer takes it so, but a model cast to bf16 or fp16 needs its own dtype back."""
         h = self._mix(l, shift, scale)
-        return h if h.dtype == self.v0.dtype or torch.is_autocast_enabled(h.device.type) else h.to(self.v0.dtype)
+        return h if self.hand_on_dtype in (None, h.dtype) else h.to(self.hand_on_dtype)
 
     def _mix(self, l, shift, scale):
         consumer = l + 1
