@@ -146,7 +146,8 @@ def seeded_noise_and_labels(model, indices, seed, class_labels=None, device="cpu
     and, without class_labels, its class drawn uniformly from the same generator afterwards."""
     generators = sample_generators(indices, seed)
     shape = (model.in_channels, model.input_size, model.input_size)
-    x = per_sample_randn(generators, shape, device)
+    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # a float64 model samples in float64
+    x = per_sample_randn(generators, shape, device).to(dtype)
     if class_labels:
         labels = [class_labels[i % len(class_labels)] for i in indices]
     else:

@@ -6,6 +6,7 @@ t mu and variance t^2 s^2 + (1 - t)^2, and the exact velocity E[x_1 - x_0 | x_t]
     v(x, t) = mu + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) * (x - t mu).
 Its ODE maps x_0 to mu + s x_0 exactly, so the ODE samplers' errors can be measured per sample.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from PIL import Image
 import sample
 from model import SiT, create_model
 from checkpoint import load_model
-from flow import euler_maruyama_sample, euler_sample, guided_velocity, heun_sample, sample_batch
+from flow import euler_maruyama_sample, euler_sample, guided_velocity, heun_sample, sample_batch, sample_latents
 
 REPO = Path(__file__).resolve().parent
 
@@ -193,6 +194,16 @@ def test_same_seed_same_samples_in_any_batch(tiny_model):
     assert not torch.equal(first, other)
     assert first.dtype == torch.uint8 and first.shape == (4, 1, 16, 16) and labels.max() < 3
     assert len(set(first.flatten().tolist())) > 50  # real images, not a constant
+
+
+def test_a_float64_model_samples_in_float64(tiny_model):
+    """The sampler's noise and state take a float64 model's dtype (float32 noise failed in its first layer), and
+    the samples are the float32 model's up to float32 rounding."""
+    double = copy.deepcopy(tiny_model).double()
+    x, _ = sample_latents(double, range(3), seed=7, sampler="sde", steps=3)
+    reference, _ = sample_latents(tiny_model, range(3), seed=7, sampler="sde", steps=3)
+    assert x.dtype == torch.float64 and reference.dtype == torch.float32
+    torch.testing.assert_close(x.float(), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_a_checkpoint_loads_with_the_kernel_of_the_loading_machine(tmp_path):
