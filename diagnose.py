@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve
+from checkpoint import device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve
 from data import load_data, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
@@ -443,7 +443,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=in_range(int, 1), default=64)
     parser.add_argument("--seed", type=in_range(int, 0), default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,
                         help="instead of diagnosing checkpoints: draw the validation curves of these runs into "
                         "<out-dir>/val_loss.png (runs sharing a label are seeds; the first label is the reference)")

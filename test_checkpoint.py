@@ -17,6 +17,7 @@ import torch
 
 import bench
 import diagnose
+import distill
 import fid
 import sample
 import study
@@ -160,4 +161,20 @@ def test_every_torch_load_is_weights_only():
 def test_numeric_flags_out_of_range_are_one_line_errors(parse, argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
+    assert "error: " + message in capsys.readouterr().err.splitlines()[-1]
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize("parse, argv", [(sample.parse_args, []), (fid.parse_args, []), (diagnose.main, []),
+                                         (distill.parse_args, ["--teacher", "t.pt"])])
+@pytest.mark.parametrize("device, message", [
+    ("foo", "argument --device: expected a device such as cpu, cuda or cuda:1, got 'foo'"),
+    pytest.param("cuda", "argument --device: 'cuda': no CUDA device is available on this machine", marks=NO_CUDA),
+])
+def test_a_device_this_machine_lacks_is_a_one_line_error(parse, argv, device, message, capsys):
+    """Not a traceback from torch.device, nor torch.load's failure, reported as a truncated or corrupt file."""
+    with pytest.raises(SystemExit):
+        parse(argv + ["--device", device])
     assert "error: " + message in capsys.readouterr().err.splitlines()[-1]
