@@ -485,12 +485,12 @@ def main(argv=None):
         return rows
     if args.curves:
         try:
-            runs = parse_curves(args.curves)
+            curves = run_curves(parse_curves(args.curves))  # a run without validation records, a broken log
         except ValueError as e:
             parser.error(str(e))
         out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
         os.makedirs(out_dir, exist_ok=True)
-        draw_curves(run_curves(runs), os.path.join(out_dir, "val_loss.png"), args.curves_title)
+        draw_curves(curves, os.path.join(out_dir, "val_loss.png"), args.curves_title)
         print(f"wrote {os.path.join(out_dir, 'val_loss.png')}")
         return None
     try:

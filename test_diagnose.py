@@ -4,6 +4,7 @@ Run: python -m pytest -q test_diagnose.py
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -285,6 +286,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--results-dir", str(tmp_path)])
     assert "no checkpoints" in capsys.readouterr().err
+    (tmp_path / "no-eval").mkdir()
+    (tmp_path / "no-eval" / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    for run, message in (("no-eval", "--curves a=.*no-eval: no validation records"),
+                         ("broken", "broken/log.jsonl line 2 is not a JSON record")):
+        with pytest.raises(SystemExit):
+            diagnose.main(["--curves", f"a={tmp_path / run}", "--out-dir", str(tmp_path / "out")])
+        assert re.search("error: .*" + message, capsys.readouterr().err)
     (tmp_path / "other.json").write_text('{"runs": []}')
     with pytest.raises(SystemExit):
         diagnose.main(["--redraw", str(tmp_path / "other.json")])
