@@ -41,6 +41,8 @@ import argparse
 import functools
 import json
 import os
+import zipfile
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -372,10 +374,14 @@ def npz_images(path, count):
     """The first `count` images of an ADM-style npz (arr_0 uint8 NHWC) as float [N, C, S, S] in [0, 1]."""
     if not os.path.isfile(path):
         raise ValueError(f"--spectrum {path}: no such file")
-    with np.load(path) as f:
-        if "arr_0" not in f or f["arr_0"].ndim != 4:
-            raise ValueError(f"--spectrum {path}: not an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)")
-        images = torch.from_numpy(f["arr_0"][:count]).permute(0, 3, 1, 2).float() / 255
+    try:
+        with np.load(path) as f:
+            images = f["arr_0"][:count] if "arr_0" in f else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):  # not an npz, or one cut short
+        images = None
+    if images is None or images.ndim != 4:
+        raise ValueError(f"--spectrum {path}: not an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"--spectrum {path}: the images are {images.shape[-2]}x{images.shape[-1]}, not square")
     return images

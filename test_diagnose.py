@@ -341,7 +341,9 @@ def test_spectrum_command_writes_ratios_and_figure(tmp_path, capsys):
     assert saved["high_frequency"] == 0.25 and len(saved["sets"]) == 3
     assert Image.open(tmp_path / "out" / "spectrum.png").size[0] == 760
     assert "blur" in capsys.readouterr().out
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "white.npz").read_bytes()[:300])  # sample.py killed mid-write
     for flags, message in ((["--spectrum", "x=missing.npz"], "expected LABEL=PATH"),
+                           (["--spectrum", f"x={tmp_path / 'cut.npz'}"], "cut.npz: not an images npz"),
                            (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", "nope"], "--spectrum-ref nope")):
         with pytest.raises(SystemExit):
             diagnose.main(flags)
