@@ -268,6 +268,9 @@ def read_stats_file(path, what, context=None):
 
 def stats_of_images(images, what, context):
     """Statistics dict of uint8 NHWC images; warns when too few for a full-rank covariance."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:  # e.g. NCHW, or floats
+        raise ValueError(f"{what}: expected uint8 images [N, H, W, 1 or 3] (NHWC, as sample.py writes), got "
+                         f"{images.dtype} {tuple(images.shape)}")
     if len(images) < 2:
         raise ValueError(f"{what}: {len(images)} image(s); FID needs at least 2 (and 2048 for a full-rank covariance)")
     if len(images) < FULL_RANK_SAMPLES:

@@ -185,6 +185,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, stand_in):
         fid.load_set(str(tmp_path / "missing.npz"), context)
     with pytest.raises(ValueError, match="not a TorchScript file"):
         fid.load_inception(tmp_path / "other.npz", "cpu")
+    np.savez(tmp_path / "nchw.npz", arr_0=random_images(3, 0).transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "floats.npz", arr_0=random_images(3, 0) / 255)
+    for name, got in (("nchw", r"uint8 \(3, 3, 16, 16\)"), ("floats", r"float64 \(3, 16, 16, 3\)")):
+        with pytest.raises(ValueError, match=rf"{name}.npz: expected uint8 images \[N, H, W, 1 or 3\] .*got {got}"):
+            fid.load_set(str(tmp_path / f"{name}.npz"), context)
     with pytest.raises(ValueError, match="pass --ref"):
         fid.main([str(tmp_path / "other.npz"), "--inception", str(stand_in)])
 
