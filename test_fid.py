@@ -166,6 +166,27 @@ def test_bare_fid_uses_the_runs_training_data(stand_in, tmp_path, monkeypatch, c
     assert explicit["fid"] == first["fid"]
 
 
+def test_statistics_killed_mid_write_leave_no_broken_cache(tmp_path, monkeypatch):
+    """A kill while the reference statistics are cached must not leave a half-written npz that every later run
+    reads (and fails on) instead of computing them again."""
+    stats = dict(mu=np.zeros(4), sigma=np.eye(4), count=5, features=np.ones((5, 4)))
+    cache = tmp_path / "fid-stats" / "fashion-mnist-32px-n5.npz"
+
+    def killed(file, **arrays):
+        file = open(file, "wb") if isinstance(file, (str, Path)) else file
+        file.write(b"PK\x03\x04 the first bytes of an npz")
+        file.flush()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", killed)
+        with pytest.raises(KeyboardInterrupt):
+            fid.save_stats(cache, stats, 5)
+    assert not cache.exists()
+    assert fid.save_stats(tmp_path / "stats", stats, 5) == tmp_path / "stats.npz"  # .npz added, as np.savez does
+    assert fid.read_stats_file(tmp_path / "stats.npz", "stats")["features"].shape == (5, 4)
+
+
 def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "bundled_inception", lambda: None)
     monkeypatch.setattr(fid, "INCEPTION_URL", (tmp_path / "offline" / "default_1.pt").as_uri())
