@@ -379,7 +379,10 @@ def parse_args(argv=None):
     add("--results-dir", default="results")
     add("--cache-dir", default=None, help="downloaded weights and dataset statistics (default: ~/.cache/dar)")
     add("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: expected a file in an existing folder (checked before minutes of Inception)")
+    return args
 
 
 def main(argv=None):

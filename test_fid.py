@@ -215,6 +215,14 @@ def test_bad_inputs_are_clear_errors(tmp_path, stand_in):
         fid.main([str(tmp_path / "other.npz"), "--inception", str(stand_in)])
 
 
+def test_a_json_path_that_cannot_be_written_fails_before_the_work(tmp_path, capsys):
+    for path in (tmp_path / "no-such-folder" / "fid.json", tmp_path):
+        with pytest.raises(SystemExit):
+            fid.parse_args(["samples.npz", "--json", str(path)])
+        assert f"error: --json {path}: expected a file in an existing folder" in capsys.readouterr().err
+    assert fid.parse_args(["--json", str(tmp_path / "fid.json")]).json == str(tmp_path / "fid.json")
+
+
 def test_broken_statistics_and_files_name_the_file(tmp_path, stand_in):
     net = ["--inception", str(stand_in), "--cache-dir", str(tmp_path / "cache")]
     np.savez(tmp_path / "a.npz", arr_0=random_images(8, 0))
