@@ -257,6 +257,10 @@ def distill(args):
         generator = build_student(config, teacher_checkpoint, device)
     except ValueError as err:
         raise ValueError(f"--router {args.router}: {err}") from None
+    if args.router == "dar" and args.chunk >= 2 * generator.depth:  # as train.py refuses it
+        raise ValueError(f"--chunk {args.chunk}: the teacher, {config['name']}, has {2 * generator.depth} sublayers, "
+                         f"and a chunk of {2 * generator.depth} or more never closes: that is dense DAR, --chunk 1. "
+                         f"Pass --chunk 1, or a chunk in [2, {2 * generator.depth - 1}]")
     generator.eval()  # G never drops labels; SiT has no other train-mode behaviour
     fake = copy.deepcopy(generator)
     ema = copy.deepcopy(generator).requires_grad_(False)
