@@ -225,6 +225,9 @@ def load_torch_file(path, device, what, hint="", mmap=False):
     missing, truncated or corrupt file, or one holding pickled objects (which could run code), is a
     clear error that calls the file `what` (and ends with `hint`)."""
     path = Path(path)
+    if path.is_dir():  # e.g. train.py --resume given a run directory, which sample.py's --ckpt accepts
+        raise ValueError(f"{what} {path} is a directory; expected a checkpoint file, e.g. "
+                         f"{path / 'checkpoints' / '<step>.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:

@@ -129,6 +129,14 @@ def test_pickled_code_is_refused_for_safety_not_called_corrupt(tmp_path):
     assert not marker.exists()
 
 
+def test_a_directory_where_a_checkpoint_file_is_expected_says_so(tmp_path):
+    """train.py --resume RUN_DIR (sample.py's --ckpt takes one) said the existing directory does not exist."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for load in (load_checkpoint, lambda p: train.init_from(None, p)):
+        with pytest.raises(ValueError, match=r"run is a directory; expected a checkpoint file, e.g. .*checkpoints/"):
+            load(tmp_path / "run")
+
+
 def test_every_torch_load_is_weights_only():
     for path in sorted(REPO.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
