@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve
+from checkpoint import (device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve,
+                        write_atomically)
 from data import load_data, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
@@ -523,8 +524,9 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
     os.makedirs(out_dir, exist_ok=True)
     print_table(reports)
-    with open(os.path.join(out_dir, "diagnose.json"), "w") as f:
-        json.dump({"reports": reports}, f, indent=1)
+    # atomically: study.py takes an existing diagnose.json for a finished job, so a kill must not leave half of one
+    write_atomically(os.path.join(out_dir, "diagnose.json"),
+                     lambda f: f.write(json.dumps({"reports": reports}, indent=1).encode()), "the report")
     print("wrote " + ", ".join([os.path.join(out_dir, "diagnose.json"), *draw_figures(reports, out_dir)]))
     return reports
 

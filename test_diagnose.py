@@ -258,6 +258,24 @@ def test_end_to_end_on_a_residual_and_a_dar_checkpoint(tmp_path, capsys):
         assert os.path.getsize(out_dir / name) > 0 and Image.open(out_dir / name).size == size
 
 
+def test_a_kill_while_writing_diagnose_json_leaves_none(tmp_path, monkeypatch):
+    """study.py skips a diagnosis whose diagnose.json exists: a half-written one must never be there."""
+    def killed(obj, file=None, **kwargs):
+        if file is not None:
+            file.write('{"reports": [')
+            file.flush()
+        raise KeyboardInterrupt
+
+    results = tmp_path / "results"
+    save_checkpoint(results, "residual", 0)
+    monkeypatch.setattr(json, "dump", killed)
+    monkeypatch.setattr(json, "dumps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose.main(["--results-dir", str(results), "--num-images", "2", "--batch-size", "2", "--t-grid", "1",
+                       "--device", "cpu"])
+    assert not (results / "diagnose" / "diagnose.json").exists()
+
+
 def test_redraw_from_a_trimmed_json_gives_the_same_figures(tmp_path):
     results = tmp_path / "results"
     save_checkpoint(results, "residual", 0)
