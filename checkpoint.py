@@ -225,6 +225,9 @@ def load_torch_file(path, device, what, hint="", mmap=False):
     missing, truncated or corrupt file, or one holding pickled objects (which could run code), is a
     clear error that calls the file `what` (and ends with `hint`)."""
     path = Path(path)
+    if path.is_dir():  # e.g. train.py --resume given a run directory, which sample.py's --ckpt accepts
+        raise ValueError(f"{what} {path} is a directory; expected a checkpoint file, e.g. "
+                         f"{path / 'checkpoints' / '<step>.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
@@ -375,3 +378,17 @@ def in_range(kind, low=None, high=None, high_excluded=False):
         return value
 
     return parse
+
+
+def device_arg(text):
+    """An argparse type for --device: a device torch knows (cpu, cuda, cuda:1) that this machine has; anything
+    else is argparse's one-line error, not a torch.load failure that reads like a corrupt checkpoint."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text

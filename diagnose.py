@@ -41,13 +41,16 @@ import argparse
 import functools
 import json
 import os
+import zipfile
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve
+from checkpoint import (device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve,
+                        write_atomically)
 from data import load_data, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
@@ -372,10 +375,14 @@ def npz_images(path, count):
     """The first `count` images of an ADM-style npz (arr_0 uint8 NHWC) as float [N, C, S, S] in [0, 1]."""
     if not os.path.isfile(path):
         raise ValueError(f"--spectrum {path}: no such file")
-    with np.load(path) as f:
-        if "arr_0" not in f or f["arr_0"].ndim != 4:
-            raise ValueError(f"--spectrum {path}: not an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)")
-        images = torch.from_numpy(f["arr_0"][:count]).permute(0, 3, 1, 2).float() / 255
+    try:
+        with np.load(path) as f:
+            images = f["arr_0"][:count] if "arr_0" in f else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):  # not an npz, or one cut short
+        images = None
+    if images is None or images.ndim != 4:
+        raise ValueError(f"--spectrum {path}: not an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"--spectrum {path}: the images are {images.shape[-2]}x{images.shape[-1]}, not square")
     return images
@@ -443,7 +450,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=in_range(int, 1), default=64)
     parser.add_argument("--seed", type=in_range(int, 0), default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,
                         help="instead of diagnosing checkpoints: draw the validation curves of these runs into "
                         "<out-dir>/val_loss.png (runs sharing a label are seeds; the first label is the reference)")
@@ -485,12 +492,12 @@ def main(argv=None):
         return rows
     if args.curves:
         try:
-            runs = parse_curves(args.curves)
+            curves = run_curves(parse_curves(args.curves))  # a run without validation records, a broken log
         except ValueError as e:
             parser.error(str(e))
         out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
         os.makedirs(out_dir, exist_ok=True)
-        draw_curves(run_curves(runs), os.path.join(out_dir, "val_loss.png"), args.curves_title)
+        draw_curves(curves, os.path.join(out_dir, "val_loss.png"), args.curves_title)
         print(f"wrote {os.path.join(out_dir, 'val_loss.png')}")
         return None
     try:
@@ -517,8 +524,9 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(args.results_dir, "diagnose")
     os.makedirs(out_dir, exist_ok=True)
     print_table(reports)
-    with open(os.path.join(out_dir, "diagnose.json"), "w") as f:
-        json.dump({"reports": reports}, f, indent=1)
+    # atomically: study.py takes an existing diagnose.json for a finished job, so a kill must not leave half of one
+    write_atomically(os.path.join(out_dir, "diagnose.json"),
+                     lambda f: f.write(json.dumps({"reports": reports}, indent=1).encode()), "the report")
     print("wrote " + ", ".join([os.path.join(out_dir, "diagnose.json"), *draw_figures(reports, out_dir)]))
     return reports
 

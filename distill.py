@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, load_model, on_this_machine,
+from checkpoint import (RunLog, device_arg, in_range, latest_checkpoint, load_checkpoint, load_model, on_this_machine,
                         resolve_checkpoint, save_checkpoint, step_seed)
 from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
@@ -214,7 +214,7 @@ def parse_args(argv=None):
         "end; 0: none (default %(default)s)")
     add("--vae", default=None, metavar="PATH_OR_ID", help="for a latent teacher: its AutoencoderKL (default: the "
         "teacher checkpoint's)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not 0 < args.t_min < args.t_max < 1:
         parser.error(f"--t-min and --t-max need 0 < t-min < t-max < 1, got {args.t_min} and {args.t_max}")
@@ -257,6 +257,10 @@ def distill(args):
         generator = build_student(config, teacher_checkpoint, device)
     except ValueError as err:
         raise ValueError(f"--router {args.router}: {err}") from None
+    if args.router == "dar" and args.chunk >= 2 * generator.depth:  # as train.py refuses it
+        raise ValueError(f"--chunk {args.chunk}: the teacher, {config['name']}, has {2 * generator.depth} sublayers, "
+                         f"and a chunk of {2 * generator.depth} or more never closes: that is dense DAR, --chunk 1. "
+                         f"Pass --chunk 1, or a chunk in [2, {2 * generator.depth - 1}]")
     generator.eval()  # G never drops labels; SiT has no other train-mode behaviour
     fake = copy.deepcopy(generator)
     ema = copy.deepcopy(generator).requires_grad_(False)

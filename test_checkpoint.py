@@ -17,6 +17,7 @@ import torch
 
 import bench
 import diagnose
+import distill
 import fid
 import sample
 import study
@@ -128,6 +129,14 @@ def test_pickled_code_is_refused_for_safety_not_called_corrupt(tmp_path):
     assert not marker.exists()
 
 
+def test_a_directory_where_a_checkpoint_file_is_expected_says_so(tmp_path):
+    """train.py --resume RUN_DIR (sample.py's --ckpt takes one) said the existing directory does not exist."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for load in (load_checkpoint, lambda p: train.init_from(None, p)):
+        with pytest.raises(ValueError, match=r"run is a directory; expected a checkpoint file, e.g. .*checkpoints/"):
+            load(tmp_path / "run")
+
+
 def test_every_torch_load_is_weights_only():
     for path in sorted(REPO.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -160,4 +169,20 @@ def test_every_torch_load_is_weights_only():
 def test_numeric_flags_out_of_range_are_one_line_errors(parse, argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
+    assert "error: " + message in capsys.readouterr().err.splitlines()[-1]
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize("parse, argv", [(sample.parse_args, []), (fid.parse_args, []), (diagnose.main, []),
+                                         (distill.parse_args, ["--teacher", "t.pt"])])
+@pytest.mark.parametrize("device, message", [
+    ("foo", "argument --device: expected a device such as cpu, cuda or cuda:1, got 'foo'"),
+    pytest.param("cuda", "argument --device: 'cuda': no CUDA device is available on this machine", marks=NO_CUDA),
+])
+def test_a_device_this_machine_lacks_is_a_one_line_error(parse, argv, device, message, capsys):
+    """Not a traceback from torch.device, nor torch.load's failure, reported as a truncated or corrupt file."""
+    with pytest.raises(SystemExit):
+        parse(argv + ["--device", device])
     assert "error: " + message in capsys.readouterr().err.splitlines()[-1]

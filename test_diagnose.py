@@ -4,6 +4,7 @@ Run: python -m pytest -q test_diagnose.py
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -257,6 +258,24 @@ def test_end_to_end_on_a_residual_and_a_dar_checkpoint(tmp_path, capsys):
         assert os.path.getsize(out_dir / name) > 0 and Image.open(out_dir / name).size == size
 
 
+def test_a_kill_while_writing_diagnose_json_leaves_none(tmp_path, monkeypatch):
+    """study.py skips a diagnosis whose diagnose.json exists: a half-written one must never be there."""
+    def killed(obj, file=None, **kwargs):
+        if file is not None:
+            file.write('{"reports": [')
+            file.flush()
+        raise KeyboardInterrupt
+
+    results = tmp_path / "results"
+    save_checkpoint(results, "residual", 0)
+    monkeypatch.setattr(json, "dump", killed)
+    monkeypatch.setattr(json, "dumps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        diagnose.main(["--results-dir", str(results), "--num-images", "2", "--batch-size", "2", "--t-grid", "1",
+                       "--device", "cpu"])
+    assert not (results / "diagnose" / "diagnose.json").exists()
+
+
 def test_redraw_from_a_trimmed_json_gives_the_same_figures(tmp_path):
     results = tmp_path / "results"
     save_checkpoint(results, "residual", 0)
@@ -285,6 +304,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--results-dir", str(tmp_path)])
     assert "no checkpoints" in capsys.readouterr().err
+    (tmp_path / "no-eval").mkdir()
+    (tmp_path / "no-eval" / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    for run, message in (("no-eval", "--curves a=.*no-eval: no validation records"),
+                         ("broken", "broken/log.jsonl line 2 is not a JSON record")):
+        with pytest.raises(SystemExit):
+            diagnose.main(["--curves", f"a={tmp_path / run}", "--out-dir", str(tmp_path / "out")])
+        assert re.search("error: .*" + message, capsys.readouterr().err)
     (tmp_path / "other.json").write_text('{"runs": []}')
     with pytest.raises(SystemExit):
         diagnose.main(["--redraw", str(tmp_path / "other.json")])
@@ -331,7 +359,9 @@ def test_spectrum_command_writes_ratios_and_figure(tmp_path, capsys):
     assert saved["high_frequency"] == 0.25 and len(saved["sets"]) == 3
     assert Image.open(tmp_path / "out" / "spectrum.png").size[0] == 760
     assert "blur" in capsys.readouterr().out
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "white.npz").read_bytes()[:300])  # sample.py killed mid-write
     for flags, message in ((["--spectrum", "x=missing.npz"], "expected LABEL=PATH"),
+                           (["--spectrum", f"x={tmp_path / 'cut.npz'}"], "cut.npz: not an images npz"),
                            (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", "nope"], "--spectrum-ref nope")):
         with pytest.raises(SystemExit):
             diagnose.main(flags)

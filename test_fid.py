@@ -166,6 +166,27 @@ def test_bare_fid_uses_the_runs_training_data(stand_in, tmp_path, monkeypatch, c
     assert explicit["fid"] == first["fid"]
 
 
+def test_statistics_killed_mid_write_leave_no_broken_cache(tmp_path, monkeypatch):
+    """A kill while the reference statistics are cached must not leave a half-written npz that every later run
+    reads (and fails on) instead of computing them again."""
+    stats = dict(mu=np.zeros(4), sigma=np.eye(4), count=5, features=np.ones((5, 4)))
+    cache = tmp_path / "fid-stats" / "fashion-mnist-32px-n5.npz"
+
+    def killed(file, **arrays):
+        file = open(file, "wb") if isinstance(file, (str, Path)) else file
+        file.write(b"PK\x03\x04 the first bytes of an npz")
+        file.flush()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", killed)
+        with pytest.raises(KeyboardInterrupt):
+            fid.save_stats(cache, stats, 5)
+    assert not cache.exists()
+    assert fid.save_stats(tmp_path / "stats", stats, 5) == tmp_path / "stats.npz"  # .npz added, as np.savez does
+    assert fid.read_stats_file(tmp_path / "stats.npz", "stats")["features"].shape == (5, 4)
+
+
 def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "bundled_inception", lambda: None)
     monkeypatch.setattr(fid, "INCEPTION_URL", (tmp_path / "offline" / "default_1.pt").as_uri())
@@ -185,8 +206,21 @@ def test_bad_inputs_are_clear_errors(tmp_path, stand_in):
         fid.load_set(str(tmp_path / "missing.npz"), context)
     with pytest.raises(ValueError, match="not a TorchScript file"):
         fid.load_inception(tmp_path / "other.npz", "cpu")
+    np.savez(tmp_path / "nchw.npz", arr_0=random_images(3, 0).transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "floats.npz", arr_0=random_images(3, 0) / 255)
+    for name, got in (("nchw", r"uint8 \(3, 3, 16, 16\)"), ("floats", r"float64 \(3, 16, 16, 3\)")):
+        with pytest.raises(ValueError, match=rf"{name}.npz: expected uint8 images \[N, H, W, 1 or 3\] .*got {got}"):
+            fid.load_set(str(tmp_path / f"{name}.npz"), context)
     with pytest.raises(ValueError, match="pass --ref"):
         fid.main([str(tmp_path / "other.npz"), "--inception", str(stand_in)])
+
+
+def test_a_json_path_that_cannot_be_written_fails_before_the_work(tmp_path, capsys):
+    for path in (tmp_path / "no-such-folder" / "fid.json", tmp_path):
+        with pytest.raises(SystemExit):
+            fid.parse_args(["samples.npz", "--json", str(path)])
+        assert f"error: --json {path}: expected a file in an existing folder" in capsys.readouterr().err
+    assert fid.parse_args(["--json", str(tmp_path / "fid.json")]).json == str(tmp_path / "fid.json")
 
 
 def test_broken_statistics_and_files_name_the_file(tmp_path, stand_in):

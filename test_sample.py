@@ -275,6 +275,21 @@ def test_clear_errors(checkpoint, flags, message):
         sample.main(flags + ["--num-samples", "1", "--steps", "1"])
 
 
+def test_a_kill_while_writing_the_npz_leaves_none(checkpoint, tmp_path, monkeypatch):
+    """study.py skips sampling when the npz exists, and fid.py reads it: a half-written one must never be there."""
+    def killed(file, **arrays):
+        file = open(file, "wb") if isinstance(file, (str, Path)) else file
+        file.write(b"PK\x03\x04 the first bytes of an npz")
+        file.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", killed)
+    out = tmp_path / "fid-n2.npz"
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--ckpt", str(checkpoint), "--num-samples", "2", "--steps", "1", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_missing_checkpoint_and_bad_flags(tmp_path, capsys):
     with pytest.raises(ValueError, match="no checkpoint under"):
         sample.main(["--results-dir", str(tmp_path / "empty")])
