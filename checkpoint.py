@@ -251,17 +251,18 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
-def on_this_machine(model_config):
-    """A checkpoint's model_config with the kernel this machine picks (auto): how DAR is computed is the loading
-    machine's choice, not the run's (a run trained with kernel cpu samples on a GPU, one trained with triton on a
-    CPU); the weights are the same whichever kernel made them."""
-    return dict(model_config, kernel="auto")
+def on_this_machine(model_config, kernel="auto"):
+    """A checkpoint's model_config with the kernel that computes DAR here (router.KERNELS; auto: the one this
+    machine picks): how DAR is computed is the loading machine's choice, not the run's (a run trained with kernel
+    cpu samples on a GPU, one trained with triton on a CPU); the weights are the same whichever kernel made them."""
+    return dict(model_config, kernel=kernel)
 
 
-def load_model(path, ema=True, device="cpu"):
-    """(the SiT of a checkpoint with its EMA (or raw) weights, in eval mode, the checkpoint dict)."""
+def load_model(path, ema=True, device="cpu", kernel="auto"):
+    """(the SiT of a checkpoint with its EMA (or raw) weights, in eval mode, the checkpoint dict); a DAR model
+    computes Eq. 5 with `kernel` (on_this_machine)."""
     checkpoint = load_checkpoint(path, device)
-    config = on_this_machine(checkpoint["model_config"])
+    config = on_this_machine(checkpoint["model_config"], kernel)
     model = create_model(config.pop("name"), **config)
     model.load_state_dict(checkpoint["ema" if ema else "model"])
     return model.to(device).eval(), checkpoint

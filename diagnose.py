@@ -54,7 +54,7 @@ from checkpoint import (device_arg, in_range, latest_checkpoints, load_model, re
 from data import load_data, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
-from router import DARRouter, ResidualRouter, Route, Trace, chunk_sources
+from router import KERNELS, DARRouter, ResidualRouter, Route, Trace, chunk_sources
 
 STATISTICS = ("rms", "grad_norm", "cosine")
 
@@ -316,7 +316,7 @@ def diagnose_model(model, images, labels, t_grid, layers, batch_size=64, seed=0)
 def diagnose_checkpoint(path, args):
     """Load one checkpoint and its held-out images, and return its report."""
     path = resolve_checkpoint(path, args.results_dir)
-    model, ckpt = load_model(path, ema=args.weights == "ema", device=args.device)
+    model, ckpt = load_model(path, ema=args.weights == "ema", device=args.device, kernel=args.kernel)
     images, labels = held_out_images(ckpt["data"], args.num_images, args.data_dir)
     layers = parse_layers(args.layers, model.depth)
     config = ckpt["model_config"]
@@ -451,6 +451,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=in_range(int, 0), default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kernel", default="auto", choices=KERNELS, help="how a DAR model computes its routing "
+                        "(torch: the plain PyTorch reference, e.g. to compare); auto: the C++ kernel on CPU, Triton on CUDA")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,
                         help="instead of diagnosing checkpoints: draw the validation curves of these runs into "
                         "<out-dir>/val_loss.png (runs sharing a label are seeds; the first label is the reference)")

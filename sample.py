@@ -38,6 +38,7 @@ from checkpoint import (device_arg, in_range, load_model, load_torch_file, resol
                         write_atomically)
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
+from router import KERNELS
 
 #################################################################################
 #                                 Command line                                  #
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     add("--vae", default=None, metavar="PATH_OR_ID",
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
     add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--kernel", default="auto", choices=KERNELS, help="how a DAR model computes its routing (torch: the plain "
+        "PyTorch reference, e.g. to compare); auto: the C++ kernel on CPU, Triton on CUDA")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "
@@ -134,7 +137,7 @@ def run(args, rank, world_size, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     checkpoint_path = resolve_checkpoint(args.ckpt, args.results_dir)
-    model, checkpoint = load_model(checkpoint_path, ema=not args.no_ema, device=device)
+    model, checkpoint = load_model(checkpoint_path, ema=not args.no_ema, device=device, kernel=args.kernel)
     choose_sampler(args, checkpoint)
     check_model(model, args)
     decode = latent_decoder(checkpoint["data"], args.vae, device)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +14,8 @@ from PIL import Image
 import diagnose
 import plot
 from model import SiT, create_model
-from router import Trace
+import router
+from router import Trace, dar_mix as DAR_MIX  # the original, for a spy that wraps it
 from flow import flow_matching_loss
 from test_router import perturb
 
@@ -256,6 +258,27 @@ def test_end_to_end_on_a_residual_and_a_dar_checkpoint(tmp_path, capsys):
                        ("routing_SiT-T-8-dar_7.png", plot.heatmap_figure_size(2)),
                        ("routing_SiT-T-8-residual_7.png", plot.heatmap_figure_size(2))):
         assert os.path.getsize(out_dir / name) > 0 and Image.open(out_dir / name).size == size
+
+
+def test_kernel_flag_chooses_how_dar_is_computed(tmp_path, monkeypatch):
+    """--kernel torch diagnoses a DAR checkpoint with the plain dar_mix, the default (auto) with the C++ kernel;
+    the same symptoms and routing weights."""
+    results = tmp_path / "results"
+    save_checkpoint(results, "dar", 1)
+    calls = []
+    monkeypatch.setattr(router, "dar_mix", lambda *a, **k: calls.append(1) or DAR_MIX(*a, **k))
+    reports = {}
+    for kernel in ("torch", "auto"):
+        calls.clear()
+        reports[kernel] = diagnose.main(["--results-dir", str(results), "--num-images", "4", "--batch-size", "4",
+                                         "--t-grid", "2", "--device", "cpu", "--kernel", kernel,
+                                         "--out-dir", str(tmp_path / kernel)])[0]
+        assert bool(calls) == (kernel == "torch"), kernel
+    for statistic in ("rms", "grad_norm", "cosine"):
+        np.testing.assert_allclose(reports["torch"]["overall"][statistic], reports["auto"]["overall"][statistic],
+                                   rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(reports["torch"]["consumers"]["25"]["alpha"], reports["auto"]["consumers"]["25"]["alpha"],
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_a_kill_while_writing_diagnose_json_leaves_none(tmp_path, monkeypatch):
