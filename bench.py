@@ -8,6 +8,7 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op step --threads 1 --kernel cpu,torch      # each DAR router under both kernels, interleaved
     python bench.py --op sample --threads 1 --routers "dar static c4"  # sample.py's model evaluations
     python bench.py --op step --model SiT-D/4 --routers "dar static c4" --profile 12  # where the time goes
+    python bench.py --op step --threads 1 --compile --routers "dar static c4"  # torch.compile'd models
     python bench.py --op host --threads 1 --routers "dar static c4"   # DAR's host work per SiT-XL/2 step
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
@@ -100,6 +101,8 @@ def parse_args(argv=None):
     step.add_argument("--routers", default=None,
                       help="comma-separated router labels as in the table (default all; residual is always run)")
     step.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py")
+    step.add_argument("--compile", action="store_true",
+                      help="torch.compile each model, as train.py --compile (compiled during the warm-up)")
     step.add_argument("--profile", type=in_range(int, 1), default=None, metavar="N",
                       help="after the timings, profile one more step of each router and print its N costliest ops "
                            "and its host and device time (torch.profiler)")
@@ -334,7 +337,7 @@ def bench_step(args):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     what = {"step": "training step", "sample": "sampling (one model evaluation, no grad)",
             "host": f"host work of a training step (width {HOST_WIDTH}, the fused kernel's launches stubbed)"}[args.op]
-    print(f"{what}, {where}, {args.precision}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
+    print(f"{what}, {where}, {args.precision}{', compiled' if args.compile else ''}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
           f"{args.image_size}^2 images; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
           f"ratios to residual")
     tables = {}
@@ -349,11 +352,13 @@ def bench_step(args):
             kernels = args.kernel if router == "dar" else args.kernel[:1]  # the kernel is DAR's alone
             for kernel in kernels if label in chosen else []:
                 model = step_model(args, name, router, query, chunk, kernel, device)
+                if args.op == "sample":
+                    model.eval()
+                timed = torch.compile(model) if args.compile else model
                 variant_label = label + (f" ({kernel})" if len(kernels) > 1 else "")
-                variants[variant_label] = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                                               velocity=guided_velocity(model.eval() if args.op == "sample" else model, y),
-                                               flops=matmul_flops(model, x, t, y), sources=live_sources(model, x, t, y),
-                                               times=[])
+                variants[variant_label] = dict(model=timed, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                               velocity=guided_velocity(timed, y), flops=matmul_flops(model, x, t, y),
+                                               sources=live_sources(model, x, t, y), times=[])
 
         def train_step(variant):
             with autocast:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+from model import SiT
 
 
 def step_table(capsys, model="SiT-T/8"):
@@ -52,6 +53,21 @@ def test_sample_bench_times_the_chosen_routers_under_bf16(capsys):
     assert rows == ["router", "---", "residual", "dar static c4"]
 
 
+def test_compiled_step_bench_runs_the_compiled_models(capsys, monkeypatch):
+    """--compile (the GPU check's last table) times torch.compile'd models: each is compiled, and the table reads
+    the model's attributes through the compiled wrapper. Two blocks instead of SiT-T's 12, to compile quickly."""
+    compiled = []
+    compile_model = torch.compile
+    monkeypatch.setattr(bench, "create_model", lambda name, **options: SiT(depth=2, hidden_size=32, num_heads=2,
+                                                                           patch_size=8, **options))
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or compile_model(model))
+    tables = bench.main(["--op", "step", "--model", "SiT-T/8", "--step-batch", "2", "--repeats", "1", "--warmup",
+                         "1", "--device", "cpu", "--routers", "dar static c4", "--compile"])
+    assert "fp32, compiled, kernel auto" in capsys.readouterr().out
+    assert [row[0] for row in tables["SiT-T/8"]] == ["residual", "dar static c4"]
+    assert [type(model.router).__name__ for model in compiled] == ["ResidualRouter", "DARRouter"]
+
+
 def test_router_bench_runs_the_cpu_op(capsys):
     rows = bench.main(["--op", "router", "--device", "cpu", "--batch", "2", "--tokens", "5", "--dim", "24",
                        "--sources", "3", "--impls", "torch,cpu", "--repeats", "1", "--warmup", "0"])
@@ -91,7 +107,7 @@ def run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib=141, failing=()):
 
     def bench_main(argv):
         if "step" in argv:
-            batches.append(argv[argv.index("--step-batch") + 1])
+            batches.append(argv[argv.index("--step-batch") + 1] + (" compiled" if "--compile" in argv else ""))
         if any(flag in argv and argv[argv.index(flag) + 1] == value for flag, value in failing):
             raise RuntimeError("CUDA out of memory")
         return {"SiT-XL/2": step_rows} if "step" in argv else router_rows
@@ -114,8 +130,9 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
     assert status == 0
     assert "fwd 3.68 -> 0.96 ms (3.82x); bwd 7.03 -> 1.50 ms (4.70x); memory saved -98.2%; peak fwd -67.4%; " \
            "peak fwd+bwd -10.6%" in out
-    assert batches == ["32", "128"]
+    assert batches == ["32", "128", "32 compiled"]
     assert "SiT-XL/2 training step, bf16, batch 128: dar static c1 (dense)" in out
+    assert "SiT-XL/2 training step, bf16, batch 32, compiled: dar static c1 (dense)" in out  # the faked rows
     assert "1.85x residual's time (DAR 208 ms, residual 113 ms), peak memory 1.08x" in out
 
 
@@ -123,7 +140,7 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
 def test_gpu_report_sizes_the_second_step_batch_by_the_cards_memory(memory_gib, batches, monkeypatch, tmp_path,
                                                                    capsys):
     """An 80 GB card reports 79.2 GiB and a 40 GB one 39.4: each must get the batch meant for it."""
-    assert run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib)[2] == batches
+    assert run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib)[2] == batches + ["32 compiled"]
 
 
 def test_gpu_report_goes_on_after_a_failed_bench(monkeypatch, tmp_path, capsys):
@@ -132,7 +149,7 @@ def test_gpu_report_goes_on_after_a_failed_bench(monkeypatch, tmp_path, capsys):
     assert status == 1
     assert "DAR mix, float32" in out and "FAILED: see" in out and "DAR mix N 57, bfloat16" in out
     assert "SiT-XL/2 training step, bf16, batch 128" in out and "batch 32: dar static c1 (dense)" in out
-    assert "50 training steps, --compile, bf16" in out
+    assert "50 training steps, --compile, bf16" in out and "batch 32, compiled: dar static c1" in out
     assert "CUDA out of memory" in (tmp_path / "step-batch128.log").read_text()
 
 
