@@ -8,7 +8,7 @@ summarized by their medians, and compared with plain PyTorch.
     python bench.py --op step --threads 1 --kernel cpu,torch      # each DAR router under both kernels, interleaved
     python bench.py --op sample --threads 1 --routers "dar static c4"  # sample.py's model evaluations
     python bench.py --op step --model SiT-D/4 --routers "dar static c4" --profile 12  # where the time goes
-    python bench.py --op step --threads 1 --compile --routers "dar static c4"  # torch.compile'd models
+    python bench.py --op step --threads 1 --compile --routers "dar static c4"  # each model eager and compiled
     python bench.py --op host --threads 1 --routers "dar static c4"   # DAR's host work per SiT-XL/2 step
 
 --op router: one DAR consumer (paper Eq. 5, method.md section 3) over N sources [batch, tokens, dim] (SiT-XL/2:
@@ -41,6 +41,7 @@ step waits for it.
 """
 import argparse
 import functools
+import itertools
 import os
 import statistics
 import sys
@@ -102,7 +103,10 @@ def parse_args(argv=None):
                       help="comma-separated router labels as in the table (default all; residual is always run)")
     step.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py")
     step.add_argument("--compile", action="store_true",
-                      help="torch.compile each model, as train.py --compile (compiled during the warm-up)")
+                      help="also time each model torch.compile'd (train.py --compile compiles it with its loss): a "
+                           "'<router> compiled' row beside each eager one, interleaved with them, its ratios to "
+                           "'residual compiled' (whose are to eager residual); the compilation happens in the "
+                           "warm-up, which must then be at least 1")
     step.add_argument("--profile", type=in_range(int, 1), default=None, metavar="N",
                       help="after the timings, profile one more step of each router and print its N costliest ops "
                            "and its host and device time (torch.profiler)")
@@ -112,6 +116,8 @@ def parse_args(argv=None):
             parser.error("--op host runs on the CPU (it measures the host's work with the kernels stubbed)")
         args.device, args.kernel, args.precision = "cpu", ["triton"], "fp32"
         args.image_size, args.channels, args.step_batch = 8, 4, 2
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup 1 or more: the first run of a compiled model compiles it")
     args.model = args.model or ("SiT-XL/2" if args.op == "host" else "SiT-T/4,SiT-D/4")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -337,7 +343,7 @@ def bench_step(args):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     what = {"step": "training step", "sample": "sampling (one model evaluation, no grad)",
             "host": f"host work of a training step (width {HOST_WIDTH}, the fused kernel's launches stubbed)"}[args.op]
-    print(f"{what}, {where}, {args.precision}{', compiled' if args.compile else ''}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
+    print(f"{what}, {where}, {args.precision}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
           f"{args.image_size}^2 images; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
           f"ratios to residual")
     tables = {}
@@ -350,12 +356,13 @@ def bench_step(args):
         variants = {}
         for label, router, query, chunk in STEP_VARIANTS:
             kernels = args.kernel if router == "dar" else args.kernel[:1]  # the kernel is DAR's alone
-            for kernel in kernels if label in chosen else []:
+            for kernel, compiled in itertools.product(kernels if label in chosen else [],
+                                                      (False, True) if args.compile else (False,)):
                 model = step_model(args, name, router, query, chunk, kernel, device)
                 if args.op == "sample":
                     model.eval()
-                timed = torch.compile(model) if args.compile else model
-                variant_label = label + (f" ({kernel})" if len(kernels) > 1 else "")
+                timed = torch.compile(model) if compiled else model
+                variant_label = label + (f" ({kernel})" if len(kernels) > 1 else "") + (" compiled" if compiled else "")
                 variants[variant_label] = dict(model=timed, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
                                                velocity=guided_velocity(timed, y), flops=matmul_flops(model, x, t, y),
                                                sources=live_sources(model, x, t, y), times=[])
@@ -383,8 +390,11 @@ def bench_step(args):
                     variant["times"].append(time.perf_counter() - start)
         model = variants["residual"]["model"]
         depth, width, tokens = model.depth, model.pos_embed.shape[-1], model.grid_size ** 2
-        rows, reference = [], variants["residual"]
+        rows = []
         for label, variant in variants.items():
+            # a compiled DAR model against compiled residual (which is against eager residual)
+            compiled_dar = label.endswith(" compiled") and label != "residual compiled"
+            reference = variants["residual compiled" if compiled_dar else "residual"]
             variant["time"] = statistics.median(variant["times"])
             variant["peak"] = peak_bytes(lambda: run(variant), device) / MIB
             most, total = variant["sources"]
@@ -398,6 +408,7 @@ def bench_step(args):
                      "peak MiB", "peak vs residual"], rows)
         tables[name] = rows
         if args.op == "host":
+            reference = variants["residual"]
             for label, variant in variants.items():
                 if label != "residual":
                     extra_us = 1e6 * (variant["time"] - reference["time"]) / (2 * depth)

@@ -11,6 +11,7 @@ and `python train.py --data latents/` trains on its output.
     SD-VAE latents of an image folder                     extract_latents, LatentSet
     what train.py --data trains on, with its split        load_data
     model space -> uint8 images, a PNG grid, VAE decoding to_uint8, save_grid, latent_decoder
+    sample.py's npz files, read back                      read_npz, check_images
 
 Images are NCHW uint8 here; in model space they are float in [-1, 1] (to_model_space).
 
@@ -32,6 +33,8 @@ import struct
 import sys
 import time
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +483,28 @@ def to_model_space(images):
 def format_duration(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+def read_npz(path, select, expected):
+    """(the names of the arrays of the npz at `path`, {name: array} of those select(names) picks); anything
+    but an npz (random bytes, a pickle, a bare .npy, a truncated file) is an error naming the file and `expected`."""
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip of .npy arrays")
+        with np.load(path) as f:
+            names = set(f.files)
+            return names, {name: f[name] for name in select(names)}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable npz ({err}); expected {expected}") from None
+
+
+def check_images(images, what):
+    """`images` if they are uint8 NHWC [N, H, W, 1 or 3], as sample.py writes them (fid.py, diagnose.py
+    --spectrum); else an error naming `what` (NCHW or float images would otherwise be read as something else)."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 images [N, H, W, 1 or 3] (NHWC, as sample.py writes), got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    return images
 
 
 GRID_MAX = 16  # save_grid shows at most 16 rows of 16 images

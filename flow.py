@@ -146,7 +146,10 @@ def seeded_noise_and_labels(model, indices, seed, class_labels=None, device="cpu
     and, without class_labels, its class drawn uniformly from the same generator afterwards."""
     generators = sample_generators(indices, seed)
     shape = (model.in_channels, model.input_size, model.input_size)
-    dtype = torch.promote_types(torch.float32, next(model.parameters()).dtype)  # a float64 model samples in float64
+    dtype = next(model.parameters()).dtype  # a float64 model samples in float64
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"a model in {dtype} cannot be sampled: the samplers integrate in the model's dtype, float32 "
+                         f"or float64; keep its weights in float32 (and run it under autocast for bf16)")
     x = per_sample_randn(generators, shape, device).to(dtype)
     if class_labels:
         labels = [class_labels[i % len(class_labels)] for i in indices]

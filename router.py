@@ -27,6 +27,8 @@ import router_cpu
 ROUTERS = ("residual", "unet", "dar")
 QUERIES = ("static", "timestep", "dynamic")
 KERNELS = ("auto", "torch", "cpu", "triton")  # how DAR computes Eq. 5: see mix_sources
+KERNEL_HELP = ("how DAR computes Eq. 5: auto (the C++ kernel on CPU, fused Triton on CUDA), torch (the plain PyTorch "
+               "reference), cpu or triton")  # the --kernel of train.py, sample.py, diagnose.py
 LOGIT_SCALES = ("inv-sqrt-d", "one")  # z_i = q . k_i / sqrt(d) (method.md) or q . k_i (AttnRes), an ablation
 RMS_EPS = 1e-6
 GROUP_SIZE = 8  # at most this many DAR consumers share one pass over their common sources (DARRoute._group)
@@ -49,6 +51,15 @@ def build_router(name, depth, hidden_size, query="static", chunk=1, kernel="auto
     if name == "unet":
         return UNetRouter(depth, hidden_size)
     return DARRouter(depth, hidden_size, query, chunk, kernel, logit_scale)
+
+
+def check_chunk(chunk, depth, model):
+    """A DAR chunk S of 2L or more never closes: every consumer reads v_0 and every output so far, which is dense
+    DAR (S = 1) under another name. Legal for build_router (tests use it for models of a few blocks); train.py and
+    distill.py refuse it on their command line with this error (`model` names the model in it)."""
+    if chunk >= 2 * depth:
+        raise ValueError(f"--chunk {chunk}: {model} has {2 * depth} sublayers, and a chunk of {2 * depth} or more "
+                         f"never closes: that is dense DAR, --chunk 1. Pass --chunk 1, or a chunk in [2, {2 * depth - 1}]")
 
 
 @dataclass

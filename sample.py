@@ -38,7 +38,7 @@ from checkpoint import (device_arg, in_range, load_model, load_torch_file, resol
                         write_atomically)
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
-from router import KERNELS
+from router import KERNEL_HELP, KERNELS
 
 #################################################################################
 #                                 Command line                                  #
@@ -57,6 +57,7 @@ def output_path(args, checkpoint_path, step, generator=False):
                                               if args.cfg_interval else "")
     name += f"-ch{args.cfg_channels}" if args.cfg_channels is not None and args.cfg_scale != 1 else ""
     name += "-raw" if args.no_ema else ""
+    name += f"-kernel-{args.kernel}" if args.kernel != "auto" else ""  # beside, not over, the default kernel's
     name += f"-seed{args.seed}" if args.seed else ""
     name += f"-n{args.num_samples}"
     if args.class_labels:
@@ -92,8 +93,7 @@ def parse_args(argv=None):
     add("--vae", default=None, metavar="PATH_OR_ID",
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
     add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--kernel", default="auto", choices=KERNELS, help="how a DAR model computes its routing (torch: the plain "
-        "PyTorch reference, e.g. to compare); auto: the C++ kernel on CPU, Triton on CUDA")
+    add("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP + "; not auto: named in the npz's name")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "

@@ -53,19 +53,33 @@ def test_sample_bench_times_the_chosen_routers_under_bf16(capsys):
     assert rows == ["router", "---", "residual", "dar static c4"]
 
 
-def test_compiled_step_bench_runs_the_compiled_models(capsys, monkeypatch):
-    """--compile (the GPU check's last table) times torch.compile'd models: each is compiled, and the table reads
-    the model's attributes through the compiled wrapper. Two blocks instead of SiT-T's 12, to compile quickly."""
-    compiled = []
+def test_compiled_step_bench_times_the_compiled_models(monkeypatch):
+    """--compile (the GPU check's last table) times each model eager and compiled, in one run. Two blocks instead
+    of SiT-T's 12, to compile quickly."""
+    calls = {}
+
+    def compile_counting(model):
+        compiled, router = compile_model(model), type(model.router).__name__
+        compiled_forward = compiled.forward
+
+        def forward(*args, **kwargs):
+            calls[router] = calls.get(router, 0) + 1
+            return compiled_forward(*args, **kwargs)
+        compiled.forward = forward
+        return compiled
+
     compile_model = torch.compile
     monkeypatch.setattr(bench, "create_model", lambda name, **options: SiT(depth=2, hidden_size=32, num_heads=2,
                                                                            patch_size=8, **options))
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or compile_model(model))
-    tables = bench.main(["--op", "step", "--model", "SiT-T/8", "--step-batch", "2", "--repeats", "1", "--warmup",
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    tables = bench.main(["--op", "step", "--model", "SiT-T/8", "--step-batch", "2", "--repeats", "2", "--warmup",
                          "1", "--device", "cpu", "--routers", "dar static c4", "--compile"])
-    assert "fp32, compiled, kernel auto" in capsys.readouterr().out
-    assert [row[0] for row in tables["SiT-T/8"]] == ["residual", "dar static c4"]
-    assert [type(model.router).__name__ for model in compiled] == ["ResidualRouter", "DARRouter"]
+    assert [row[0] for row in tables["SiT-T/8"]] == ["residual", "residual compiled", "dar static c4",
+                                                     "dar static c4 compiled"]
+    # each compiled model: 1 warm-up and 2 timed steps, then 1 step measuring the peak memory
+    assert calls == {"ResidualRouter": 4, "DARRouter": 4}
+    with pytest.raises(SystemExit):
+        bench.main(["--op", "step", "--compile", "--warmup", "0"])
 
 
 def test_router_bench_runs_the_cpu_op(capsys):
@@ -102,7 +116,8 @@ def run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib=141, failing=()):
                     "36.0 (-67.4%)", "774.2 (-10.6%)"]]
     router_rows += [[impl, "57", *rest] for impl, _, *rest in router_rows]  # bench.py's rows for N 19 and 57
     step_rows = [["residual", "-", "-", "+0.0%", "113", "1.00x", "13580", "1.00x"],
-                 ["dar static c1", "57", "1652", "+1.2%", "208", "1.85x", "14647", "1.08x"]]
+                 ["dar static c1", "57", "1652", "+1.2%", "208", "1.85x", "14647", "1.08x"],
+                 ["dar static c4", "19", "623", "+0.5%", "200", "1.77x", "14620", "1.08x"]]
     batches = []
 
     def bench_main(argv):
@@ -110,7 +125,14 @@ def run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib=141, failing=()):
             batches.append(argv[argv.index("--step-batch") + 1] + (" compiled" if "--compile" in argv else ""))
         if any(flag in argv and argv[argv.index(flag) + 1] == value for flag, value in failing):
             raise RuntimeError("CUDA out of memory")
-        return {"SiT-XL/2": step_rows} if "step" in argv else router_rows
+        if "step" not in argv:
+            return router_rows
+        routers = argv[argv.index("--routers") + 1].split(",")
+        rows = [step_rows[0], *(row for row in step_rows[1:] if row[0] in routers)]
+        if "--compile" in argv:  # a compiled row after each eager one (times: the H200's, as if halved)
+            rows = [variant for row in rows for variant in (row, [row[0] + " compiled", *row[1:4], str(int(row[4]) // 2),
+                                                                   "1.70x", *row[6:]])]
+        return {"SiT-XL/2": rows}
 
     monkeypatch.setattr(gpu_report, "LOGS", tmp_path)
     monkeypatch.setattr(gpu_report, "run", lambda name, command: (0, "49 passed", 1.0))
@@ -132,7 +154,9 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
            "peak fwd+bwd -10.6%" in out
     assert batches == ["32", "128", "32 compiled"]
     assert "SiT-XL/2 training step, bf16, batch 128: dar static c1 (dense)" in out
-    assert "SiT-XL/2 training step, bf16, batch 32, compiled: dar static c1 (dense)" in out  # the faked rows
+    assert "SiT-XL/2 training step, bf16, batch 32, eager and compiled: dar static c4 compiled', " in out
+    assert "1.70x compiled residual's time (DAR 100 ms, residual 56 ms), peak memory 1.08x" in out
+    assert "batch 32, eager and compiled: dar static c1" not in out  # the compiled table times static c4 alone
     assert "1.85x residual's time (DAR 208 ms, residual 113 ms), peak memory 1.08x" in out
 
 
@@ -149,7 +173,7 @@ def test_gpu_report_goes_on_after_a_failed_bench(monkeypatch, tmp_path, capsys):
     assert status == 1
     assert "DAR mix, float32" in out and "FAILED: see" in out and "DAR mix N 57, bfloat16" in out
     assert "SiT-XL/2 training step, bf16, batch 128" in out and "batch 32: dar static c1 (dense)" in out
-    assert "50 training steps, --compile, bf16" in out and "batch 32, compiled: dar static c1" in out
+    assert "50 training steps, --compile, bf16" in out and "eager and compiled: dar static c4 compiled" in out
     assert "CUDA out of memory" in (tmp_path / "step-batch128.log").read_text()
 
 

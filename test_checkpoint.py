@@ -3,6 +3,7 @@ code, and the range checks of every script's numeric flags.
 
     python -m pytest -q test_checkpoint.py
 """
+import argparse
 import ast
 import io
 import os
@@ -22,7 +23,7 @@ import fid
 import sample
 import study
 import train
-from checkpoint import CHECKPOINT_KEYS, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+from checkpoint import CHECKPOINT_KEYS, device_arg, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 
@@ -186,3 +187,12 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(parse, argv, device, me
     with pytest.raises(SystemExit):
         parse(argv + ["--device", device])
     assert "error: " + message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_cuda_index_beyond_the_machines_gpus_is_refused(monkeypatch):
+    """On a (faked) machine with one GPU: cuda and cuda:0 are devices, cuda:1 is not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [device_arg(text) for text in ("cpu", "cuda", "cuda:0")] == ["cpu", "cuda", "cuda:0"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'cuda:1': this machine has 1 CUDA device"):
+        device_arg("cuda:1")

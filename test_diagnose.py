@@ -383,8 +383,12 @@ def test_spectrum_command_writes_ratios_and_figure(tmp_path, capsys):
     assert Image.open(tmp_path / "out" / "spectrum.png").size[0] == 760
     assert "blur" in capsys.readouterr().out
     (tmp_path / "cut.npz").write_bytes((tmp_path / "white.npz").read_bytes()[:300])  # sample.py killed mid-write
+    np.save(tmp_path / "bare.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))  # an array, not an npz
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.float32))  # images in [0, 1], not uint8
     for flags, message in ((["--spectrum", "x=missing.npz"], "expected LABEL=PATH"),
-                           (["--spectrum", f"x={tmp_path / 'cut.npz'}"], "cut.npz: not an images npz"),
+                           (["--spectrum", f"x={tmp_path / 'cut.npz'}"], "cut.npz: not a readable npz"),
+                           (["--spectrum", f"x={tmp_path / 'bare.npy'}"], "bare.npy: not a readable npz"),
+                           (["--spectrum", f"x={tmp_path / 'float.npz'}"], "float.npz: expected uint8 images"),
                            (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", "nope"], "--spectrum-ref nope")):
         with pytest.raises(SystemExit):
             diagnose.main(flags)

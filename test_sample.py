@@ -200,12 +200,14 @@ def test_same_seed_same_samples_in_any_batch(tiny_model):
 
 def test_a_float64_model_samples_in_float64(tiny_model):
     """The sampler's noise and state take a float64 model's dtype (float32 noise failed in its first layer), and
-    the samples are the float32 model's up to float32 rounding."""
+    the samples are the float32 model's up to float32 rounding; a bf16 model is a clear error."""
     double = copy.deepcopy(tiny_model).double()
     x, _ = sample_latents(double, range(3), seed=7, sampler="sde", steps=3)
     reference, _ = sample_latents(tiny_model, range(3), seed=7, sampler="sde", steps=3)
     assert x.dtype == torch.float64 and reference.dtype == torch.float32
     torch.testing.assert_close(x.float(), reference, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="a model in torch.bfloat16 cannot be sampled"):  # not torch's conv2d error
+        sample_latents(copy.deepcopy(tiny_model).bfloat16(), range(3), seed=7, sampler="sde", steps=3)
 
 
 def test_a_checkpoint_loads_with_the_kernel_of_the_loading_machine(tmp_path):
@@ -237,6 +239,9 @@ def test_kernel_flag_chooses_how_dar_is_computed(checkpoint, tmp_path, monkeypat
         with np.load(out) as f:
             images[kernel] = f["arr_0"].astype(int)
     assert np.abs(images["torch"] - images["auto"]).max() <= 1
+    names = {kernel: sample.output_path(sample.parse_args(["--kernel", kernel, "--sampler", "heun", "--steps", "2"]), checkpoint, 5).name
+             for kernel in ("torch", "auto")}  # the default name: one kernel's samples never overwrite the other's
+    assert names == {"torch": "0000005-heun-2-kernel-torch-n1000.npz", "auto": "0000005-heun-2-n1000.npz"}
     with pytest.raises(SystemExit):
         sample.parse_args(["--kernel", "fast"])
 

@@ -229,6 +229,14 @@ def test_defaults_and_run_name():
         train.parse_args(["--data", "x", "--data-dir", "y"])
 
 
+def test_a_chunk_that_never_closes_is_refused(capsys):
+    """SiT-T/4 has 24 sublayers: --chunk 23 is a chunk, --chunk 24 would be dense DAR under another name."""
+    assert train.parse_args(["--router", "dar", "--chunk", "23"]).chunk == 23
+    with pytest.raises(SystemExit):
+        train.parse_args(["--router", "dar", "--chunk", "24"])
+    assert "--chunk 24: SiT-T/4 has 24 sublayers, and a chunk of 24 or more never closes" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 

@@ -57,7 +57,7 @@ from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, lo
 from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, to_model_space
 from flow import flow_matching_loss, write_sample_grid
 from model import SIT_SIZES, TINY_SIZES, SiT_models, create_model, load_backbone, update_ema
-from router import KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, repa_loss
+from router import KERNEL_HELP, KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, check_chunk, repa_loss
 
 #################################################################################
 #                                    Batches                                     #
@@ -356,7 +356,7 @@ def parse_args(argv=None):
     add("--query", default="static", choices=QUERIES, help="DAR query, Eq. 6 (default %(default)s)")
     add("--chunk", type=at_least_1, default=1,
         help="DAR chunk size S, 1 is dense, below the 2L sublayers (default %(default)s)")
-    add("--kernel", default="auto", choices=KERNELS, help="DAR implementation; auto: fused Triton on CUDA")
+    add("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP)
     add("--logit-scale", default="inv-sqrt-d", choices=LOGIT_SCALES,
         help="DAR logits q . k / sqrt(d) (Eq. 5, default) or q . k ('one', AttnRes's choice; an ablation)")
     add("--data", default=None, help="an image folder in ImageNet layout, or a latents directory written by "
@@ -434,9 +434,11 @@ def parse_args(argv=None):
             args.run_name += f"-{args.query}-c{args.chunk}"
             if args.logit_scale != "inv-sqrt-d":
                 args.run_name += f"-logit-{args.logit_scale}"
-    if args.router == "dar" and args.chunk >= 2 * depth:
-        parser.error(f"--chunk {args.chunk}: {args.model} has {2 * depth} sublayers, and a chunk of {2 * depth} or "
-                     f"more never closes: that is dense DAR, --chunk 1. Pass --chunk 1, or a chunk in [2, {2 * depth - 1}]")
+    if args.router == "dar":
+        try:
+            check_chunk(args.chunk, depth, args.model)
+        except ValueError as err:
+            parser.error(str(err))
     if args.repa_depth is not None and args.repa_depth > depth:
         parser.error(f"--repa-depth {args.repa_depth}: {args.model} has blocks 1..{depth}")
     if args.data and args.data_dir:
