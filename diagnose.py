@@ -51,7 +51,7 @@ from checkpoint import (device_arg, in_range, latest_checkpoints, load_model, re
 from data import check_images, load_data, read_npz, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
-from router import KERNEL_HELP, KERNELS, DARRouter, ResidualRouter, Route, Trace, chunk_sources
+from router import KERNEL_HELP, KERNELS, DARRouter, ResidualRouter, Route, Trace, check_kernel, chunk_sources
 
 STATISTICS = ("rms", "grad_norm", "cosine")
 
@@ -465,6 +465,10 @@ def main(argv=None):
                         help="instead of diagnosing checkpoints: draw the figures of this diagnose.json again, into "
                         "--out-dir (default: the folder holding it)")
     args = parser.parse_args(argv)
+    try:
+        check_kernel(args.kernel, args.device)
+    except ValueError as e:
+        parser.error(str(e))
     if args.redraw:
         try:
             redraw(args.redraw, args.out_dir or os.path.dirname(os.path.abspath(args.redraw)))

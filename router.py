@@ -16,6 +16,7 @@ Also here: the REPA projector and loss (method.md section 4), which read the hid
 """
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -229,6 +230,18 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True, gradient_s
         return cpu_dar_mix(sources, query, gain, gradient_sums=gradient_sums)
     from router_triton import fused_dar_mix
     return fused_dar_mix(sources, query, gain, RMS_EPS, return_alpha=need_alpha, gradient_sums=gradient_sums)
+
+
+def check_kernel(kernel, device):
+    """A --kernel that cannot run on `device` (the model's: "cpu", "cuda", ...) is an error naming it, before any
+    work: the C++ kernel reads CPU tensors, the Triton one CUDA tensors (on CPU only in Triton's interpreter,
+    TRITON_INTERPRET=1, which the tests use)."""
+    device = torch.device(device).type
+    if kernel == "cpu" and device != "cpu":
+        raise ValueError(f"--kernel cpu computes on the CPU, and the model is on {device}: use auto, triton or torch")
+    if kernel == "triton" and device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"--kernel triton needs a CUDA device, and the model is on {device} (on CPU only in Triton's "
+                         f"interpreter, TRITON_INTERPRET=1): use auto, cpu or torch")
 
 
 def chosen_kernel(kernel, source):

@@ -38,7 +38,7 @@ from checkpoint import (device_arg, in_range, load_model, load_torch_file, resol
                         write_atomically)
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
-from router import KERNEL_HELP, KERNELS
+from router import KERNEL_HELP, KERNELS, check_kernel
 
 #################################################################################
 #                                 Command line                                  #
@@ -98,6 +98,10 @@ def parse_args(argv=None):
     if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "
                      f"{args.sampler or DEFAULT_SAMPLER}")
+    try:
+        check_kernel(args.kernel, args.device)
+    except ValueError as err:
+        parser.error(str(err))
     if args.cfg_interval and args.cfg_interval[0] > args.cfg_interval[1]:
         parser.error(f"--cfg-interval LO HI needs 0 <= LO <= HI <= 1, got {args.cfg_interval}")
     return args

@@ -189,6 +189,18 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(parse, argv, device, me
     assert "error: " + message in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("parse, argv", [(sample.parse_args, ["--device", "cpu"]),
+                                         (diagnose.main, ["--device", "cpu"]),
+                                         (train.parse_args, ["--router", "dar"])])  # train.py: CUDA if there is one
+def test_a_kernel_that_cannot_run_on_the_device_is_a_one_line_error(parse, argv, monkeypatch, capsys):
+    """--kernel triton on CPU outside Triton's interpreter: the parser says so, before any work, instead of a
+    traceback from the first forward. (The check itself: test_router.py.)"""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        parse(argv + ["--kernel", "triton"])
+    assert "error: --kernel triton needs a CUDA device, and the model is on cpu" in capsys.readouterr().err
+
+
 def test_a_cuda_index_beyond_the_machines_gpus_is_refused(monkeypatch):
     """On a (faked) machine with one GPU: cuda and cuda:0 are devices, cuda:1 is not."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

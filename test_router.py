@@ -449,3 +449,16 @@ def test_every_source_is_contiguous(precision, monkeypatch):
 def test_bad_input_raises_clear_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_kernel_is_checked_against_the_models_device(monkeypatch):
+    """The C++ kernel reads CPU tensors, the Triton one CUDA tensors, or CPU ones in Triton's interpreter."""
+    for kernel, device in (("auto", "cpu"), ("auto", "cuda"), ("torch", "cuda:1"), ("cpu", "cpu"), ("triton", "cuda")):
+        router.check_kernel(kernel, device)
+    with pytest.raises(ValueError, match="--kernel cpu computes on the CPU, and the model is on cuda"):
+        router.check_kernel("cpu", "cuda:0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    router.check_kernel("triton", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="--kernel triton needs a CUDA device, and the model is on cpu"):
+        router.check_kernel("triton", "cpu")

@@ -57,7 +57,8 @@ from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, lo
 from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, to_model_space
 from flow import flow_matching_loss, write_sample_grid
 from model import SIT_SIZES, TINY_SIZES, SiT_models, create_model, load_backbone, update_ema
-from router import KERNEL_HELP, KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, check_chunk, repa_loss
+from router import (KERNEL_HELP, KERNELS, LOGIT_SCALES, QUERIES, ROUTERS, REPAProjector, check_chunk, check_kernel,
+                    repa_loss)
 
 #################################################################################
 #                                    Batches                                     #
@@ -437,6 +438,7 @@ def parse_args(argv=None):
     if args.router == "dar":
         try:
             check_chunk(args.chunk, depth, args.model)
+            check_kernel(args.kernel, "cuda" if torch.cuda.is_available() else "cpu")  # main's device
         except ValueError as err:
             parser.error(str(err))
     if args.repa_depth is not None and args.repa_depth > depth:
