@@ -2,9 +2,11 @@
 
 Run: python -m pytest -q test_bench.py
 """
+import itertools
 import math
 import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -165,6 +167,15 @@ def test_gpu_report_sizes_the_second_step_batch_by_the_cards_memory(memory_gib, 
                                                                    capsys):
     """An 80 GB card reports 79.2 GiB and a 40 GB one 39.4: each must get the batch meant for it."""
     assert run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib)[2] == batches + ["32 compiled"]
+
+
+def test_gpu_report_skips_the_compiled_table_when_the_checks_before_were_slow(monkeypatch, tmp_path, capsys):
+    """The compiled step table (minutes of compilation) starts only if the checks before left time for it."""
+    clock = itertools.chain([0.0], itertools.repeat(400.0))  # the checks before the compiled table took 400 s
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    status, out, batches = run_gpu_report(monkeypatch, tmp_path, capsys)
+    assert status == 0 and batches == ["32", "128"]
+    assert "skipped: the checks before took" in out and "compiled: dar static c4" not in out
 
 
 def test_gpu_report_goes_on_after_a_failed_bench(monkeypatch, tmp_path, capsys):
