@@ -118,6 +118,9 @@ def parse_args(argv=None):
         args.image_size, args.channels, args.step_batch = 8, 4, 2
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup 1 or more: the first run of a compiled model compiles it")
+    if args.compile and args.op == "host":
+        parser.error("--compile: --op host times eager host work (a compiled model's host work is measured by "
+                     "--op step --compile on a GPU)")
     args.model = args.model or ("SiT-XL/2" if args.op == "host" else "SiT-T/4,SiT-D/4")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -345,7 +348,7 @@ def bench_step(args):
             "host": f"host work of a training step (width {HOST_WIDTH}, the fused kernel's launches stubbed)"}[args.op]
     print(f"{what}, {where}, {args.precision}, kernel {','.join(args.kernel)}: batch {batch} of {args.channels} x "
           f"{args.image_size}^2 images; medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "
-          f"ratios to residual")
+          f"ratios to residual{' (of a compiled DAR model: to residual compiled)' if args.compile else ''}")
     tables = {}
     for name in names:
         generator = torch.Generator().manual_seed(args.seed)

@@ -368,21 +368,22 @@ def power_spectrum(images):
                 high_share=(power[radius > HIGH_FREQUENCY].sum() / power.sum()).item())
 
 
-def npz_images(path, count):
-    """The first `count` images of an ADM-style npz (arr_0 uint8 NHWC) as float [N, C, S, S] in [0, 1]."""
+def npz_images(path, count, flag="--spectrum"):
+    """The first `count` images of an ADM-style npz (arr_0 uint8 NHWC) as float [N, C, S, S] in [0, 1]; errors
+    name `flag`, the one that gave the path."""
     if not os.path.isfile(path):
-        raise ValueError(f"--spectrum {path}: no such file")
+        raise ValueError(f"{flag} {path}: no such file")
     expected = "an images npz (arr_0 uint8 [N, H, W, C], as sample.py writes)"
     try:
         names, arrays = read_npz(path, lambda names: names & {"arr_0"}, expected)
     except ValueError as err:
-        raise ValueError(f"--spectrum {err}") from None
+        raise ValueError(f"{flag} {err}") from None
     if "arr_0" not in names:
-        raise ValueError(f"--spectrum {path}: no arr_0; expected {expected}")
-    images = check_images(arrays["arr_0"], f"--spectrum {path}")[:count]
+        raise ValueError(f"{flag} {path}: no arr_0; expected {expected}")
+    images = check_images(arrays["arr_0"], f"{flag} {path}")[:count]
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"--spectrum {path}: the images are {images.shape[-2]}x{images.shape[-1]}, not square")
+        raise ValueError(f"{flag} {path}: the images are {images.shape[-2]}x{images.shape[-1]}, not square")
     return images
 
 
@@ -397,7 +398,7 @@ def spectrum_report(specs, reference, count, data_dir=None):
         real = to_model_space(held_out_images(dict(name="fashion-mnist", image_size=size), count, data_dir)[0])
         real = (real + 1) / 2
     else:
-        real = npz_images(reference, count)
+        real = npz_images(reference, count, "--spectrum-ref")
         if real.shape[-1] != size:
             raise ValueError(f"--spectrum-ref {reference}: {real.shape[-1]}px images, the samples are {size}px")
     rows = [dict(label=f"real ({reference})", num_images=len(real), **power_spectrum(real))]

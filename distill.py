@@ -258,7 +258,7 @@ def distill(args):
     except ValueError as err:
         raise ValueError(f"--router {args.router}: {err}") from None
     if args.router == "dar":
-        check_chunk(args.chunk, generator.depth, f"the teacher, {config['name']},")
+        check_chunk(args.chunk, generator.depth, f"the teacher {config['name']}")
     generator.eval()  # G never drops labels; SiT has no other train-mode behaviour
     fake = copy.deepcopy(generator)
     ema = copy.deepcopy(generator).requires_grad_(False)

@@ -16,7 +16,6 @@ Also here: the REPA projector and loss (method.md section 4), which read the hid
 """
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -234,14 +233,20 @@ def mix_sources(sources, query, gain, kernel="auto", need_alpha=True, gradient_s
 
 def check_kernel(kernel, device):
     """A --kernel that cannot run on `device` (the model's: "cpu", "cuda", ...) is an error naming it, before any
-    work: the C++ kernel reads CPU tensors, the Triton one CUDA tensors (on CPU only in Triton's interpreter,
-    TRITON_INTERPRET=1, which the tests use)."""
+    work: the C++ kernel reads CPU tensors, the Triton one CUDA tensors (CPU tensors in Triton's interpreter,
+    TRITON_INTERPRET=1, which the tests use: router_triton.kernel_device)."""
     device = torch.device(device).type
     if kernel == "cpu" and device != "cpu":
         raise ValueError(f"--kernel cpu computes on the CPU, and the model is on {device}: use auto, triton or torch")
-    if kernel == "triton" and device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"--kernel triton needs a CUDA device, and the model is on {device} (on CPU only in Triton's "
-                         f"interpreter, TRITON_INTERPRET=1): use auto, cpu or torch")
+    if kernel == "triton":
+        try:
+            from router_triton import kernel_device
+        except ImportError as err:
+            raise ValueError(f"--kernel triton needs the triton package ({err}): use auto, cpu or torch") from None
+        if device != kernel_device():
+            where = "in Triton's interpreter (TRITON_INTERPRET=1)" if kernel_device() == "cpu" else "compiled"
+            raise ValueError(f"--kernel triton runs on {kernel_device()} here ({where}), and the model is on "
+                             f"{device}: use auto, cpu or torch")
 
 
 def chosen_kernel(kernel, source):

@@ -354,13 +354,17 @@ def _check_inputs(sources, query, gain):
         raise ValueError(f"gain must be [{dim}], got {tuple(gain.shape)}")
     if any(t.device != device for t in [*sources, query, gain]):
         raise ValueError("fused_dar_mix: sources, query and gain must be on one device")
-    if INTERPRETED and device.type != "cpu":
+    if device.type != kernel_device():
         raise RuntimeError("TRITON_INTERPRET=1 runs the fused DAR kernel on CPU tensors only; unset it to run "
-                           "the compiled kernel on the GPU")
-    if not INTERPRETED and device.type != "cuda":
-        raise RuntimeError(f"kernel='triton' needs CUDA tensors (got {device.type}); on CPU, run Triton's "
+                           "the compiled kernel on the GPU" if INTERPRETED else
+                           f"kernel='triton' needs CUDA tensors (got {device.type}); on CPU, run Triton's "
                            "interpreter by setting TRITON_INTERPRET=1 before triton is first imported, or use "
                            "kernel='torch'")
+
+
+def kernel_device():
+    """The device type the fused kernels run on in this process: cpu in Triton's interpreter, else cuda."""
+    return "cpu" if INTERPRETED else "cuda"
 
 
 def _offset_table(tensors, flags=None):

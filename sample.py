@@ -93,7 +93,7 @@ def parse_args(argv=None):
     add("--vae", default=None, metavar="PATH_OR_ID",
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
     add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP + "; not auto: named in the npz's name")
+    add("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP + "; a kernel other than auto is added to the default npz name")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "

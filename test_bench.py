@@ -80,8 +80,14 @@ def test_compiled_step_bench_times_the_compiled_models(monkeypatch):
                                                      "dar static c4 compiled"]
     # each compiled model: 1 warm-up and 2 timed steps, then 1 step measuring the peak memory
     assert calls == {"ResidualRouter": 4, "DARRouter": 4}
+
+
+@pytest.mark.parametrize("flags, message", [(["--op", "step", "--warmup", "0"], "--compile needs --warmup 1 or more"),
+                                            (["--op", "host"], "--compile: --op host times eager host work")])
+def test_compile_flags_that_cannot_work_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--op", "step", "--compile", "--warmup", "0"])
+        bench.main([*flags, "--compile"])
+    assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_router_bench_runs_the_cpu_op(capsys):
@@ -166,7 +172,10 @@ def test_gpu_report_summarizes_the_bench_tables(monkeypatch, tmp_path, capsys):
 def test_gpu_report_sizes_the_second_step_batch_by_the_cards_memory(memory_gib, batches, monkeypatch, tmp_path,
                                                                    capsys):
     """An 80 GB card reports 79.2 GiB and a 40 GB one 39.4: each must get the batch meant for it."""
-    assert run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib)[2] == batches + ["32 compiled"]
+    compiled = ["32 compiled"] if memory_gib >= 75 else []  # four SiT-XL/2 models with AdamW: about 45 GiB
+    _, out, asked = run_gpu_report(monkeypatch, tmp_path, capsys, memory_gib)
+    assert asked == batches + compiled
+    assert ("skipped: its four SiT-XL/2 models need about 45 GiB" in out) == (memory_gib < 75)
 
 
 def test_gpu_report_skips_the_compiled_table_when_the_checks_before_were_slow(monkeypatch, tmp_path, capsys):

@@ -389,7 +389,9 @@ def test_spectrum_command_writes_ratios_and_figure(tmp_path, capsys):
                            (["--spectrum", f"x={tmp_path / 'cut.npz'}"], "cut.npz: not a readable npz"),
                            (["--spectrum", f"x={tmp_path / 'bare.npy'}"], "bare.npy: not a readable npz"),
                            (["--spectrum", f"x={tmp_path / 'float.npz'}"], "float.npz: expected uint8 images"),
-                           (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", "nope"], "--spectrum-ref nope")):
+                           (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", "nope"], "--spectrum-ref nope"),
+                           (["--spectrum", f"w={tmp_path / 'white.npz'}", "--spectrum-ref", str(tmp_path / "float.npz")],
+                            f"--spectrum-ref {tmp_path / 'float.npz'}: expected uint8 images")):
         with pytest.raises(SystemExit):
             diagnose.main(flags)
         assert message in capsys.readouterr().err

@@ -183,7 +183,7 @@ def test_bad_inputs_are_one_line_errors(teachers, tmp_path):
         distill.main(["--teacher", str(not_a_checkpoint), *base])
     with pytest.raises(ValueError, match="--teacher .*missing.pt: no such file or run directory"):
         distill.main(["--teacher", str(tmp_path / "missing.pt"), *base])
-    with pytest.raises(ValueError, match=r"--chunk 24: the teacher, SiT-T/8, has 24 sublayers, .*never closes"):
+    with pytest.raises(ValueError, match=r"--chunk 24: the teacher SiT-T/8 has 24 sublayers, .*never closes"):
         distill.main(["--teacher", str(teachers["residual"]), *base, "--router", "dar", "--chunk", "24"])
     assert [p.name for p in tmp_path.iterdir()] == ["weights.pt"]  # refused before anything is written
     distill.main(["--teacher", str(teachers["dar"]), *base, "--run-name", "g"])

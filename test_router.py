@@ -452,13 +452,15 @@ def test_bad_input_raises_clear_error(make, match):
 
 
 def test_a_kernel_is_checked_against_the_models_device(monkeypatch):
-    """The C++ kernel reads CPU tensors, the Triton one CUDA tensors, or CPU ones in Triton's interpreter."""
-    for kernel, device in (("auto", "cpu"), ("auto", "cuda"), ("torch", "cuda:1"), ("cpu", "cpu"), ("triton", "cuda")):
+    """The C++ kernel reads CPU tensors; the Triton one CUDA tensors, or CPU ones in Triton's interpreter (as the
+    tests run it), whatever spelling of TRITON_INTERPRET triton took."""
+    import router_triton
+    for kernel, device in (("auto", "cpu"), ("auto", "cuda"), ("torch", "cuda:1"), ("cpu", "cpu")):
         router.check_kernel(kernel, device)
     with pytest.raises(ValueError, match="--kernel cpu computes on the CPU, and the model is on cuda"):
         router.check_kernel("cpu", "cuda:0")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    router.check_kernel("triton", "cpu")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="--kernel triton needs a CUDA device, and the model is on cpu"):
-        router.check_kernel("triton", "cpu")
+    for interpreted, runs, refused in ((True, "cpu", "cuda"), (False, "cuda", "cpu")):
+        monkeypatch.setattr(router_triton, "INTERPRETED", interpreted)
+        router.check_kernel("triton", runs)
+        with pytest.raises(ValueError, match=f"--kernel triton runs on {runs} here .*, and the model is on {refused}"):
+            router.check_kernel("triton", refused)

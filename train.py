@@ -438,7 +438,7 @@ def parse_args(argv=None):
     if args.router == "dar":
         try:
             check_chunk(args.chunk, depth, args.model)
-            check_kernel(args.kernel, "cuda" if torch.cuda.is_available() else "cpu")  # main's device
+            check_kernel(args.kernel, training_device())
         except ValueError as err:
             parser.error(str(err))
     if args.repa_depth is not None and args.repa_depth > depth:
@@ -448,10 +448,14 @@ def parse_args(argv=None):
     return args
 
 
+def training_device():
+    """Where train.py trains: CUDA where there is one (a GPU per process under torchrun), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run_distributed(extract_latents if args.extract_latents else train, args,
-                    "cuda" if torch.cuda.is_available() else "cpu",
+    run_distributed(extract_latents if args.extract_latents else train, args, training_device(),
                     rerun="run the same command again: the extraction resumes" if args.extract_latents
                     else "continue with the same command and --resume auto")
 
