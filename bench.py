@@ -50,7 +50,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from checkpoint import in_range
+from checkpoint import default_device, in_range
 from flow import flow_matching_loss, guided_velocity
 from model import SIT_SIZES, SiT, SiT_models, create_model
 from router import KERNELS, QUERIES, RMS_EPS, Trace, cpu_dar_mix, dar_mix
@@ -123,7 +123,7 @@ def parse_args(argv=None):
                      "--op step --compile on a GPU)")
     args.model = args.model or ("SiT-XL/2" if args.op == "host" else "SiT-T/4,SiT-D/4")
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = default_device()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.threads is not None:

@@ -381,6 +381,12 @@ def in_range(kind, low=None, high=None, high_excluded=False):
     return parse
 
 
+def default_device():
+    """CUDA where this machine has it (a GPU per process under torchrun), else the CPU: where train.py trains and
+    every other script's default --device."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def device_arg(text):
     """An argparse type for --device: a device torch knows (cpu, cuda, cuda:1) that this machine has; anything
     else is argparse's one-line error, not a torch.load failure that reads like a corrupt checkpoint."""

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from checkpoint import (device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve,
+from checkpoint import (default_device, device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve,
                         write_atomically)
 from data import check_images, load_data, read_npz, to_model_space
 from flow import flow_matching_loss
@@ -449,7 +449,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=in_range(int, 1), default=64)
     parser.add_argument("--seed", type=in_range(int, 0), default=0)
     parser.add_argument("--data-dir", default=None, help="override the dataset path stored in the checkpoints")
-    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default=default_device())
     parser.add_argument("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP + " (to compare, pass "
                         "another --out-dir too)")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=RUN_DIR", default=None,

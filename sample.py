@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (device_arg, in_range, load_model, load_torch_file, resolve_checkpoint, run_distributed,
+from checkpoint import (default_device, device_arg, in_range, load_model, load_torch_file, resolve_checkpoint, run_distributed,
                         write_atomically)
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
@@ -92,8 +92,9 @@ def parse_args(argv=None):
     add("--out", default=None, help="npz path (the PNG goes beside it)")
     add("--vae", default=None, metavar="PATH_OR_ID",
         help="for a model trained on latents: the AutoencoderKL that decodes them (default: the checkpoint's)")
-    add("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--kernel", default="auto", choices=KERNELS, help=KERNEL_HELP + "; a kernel other than auto is added to the default npz name")
+    add("--device", type=device_arg, default=default_device())
+    add("--kernel", default="auto", choices=KERNELS,
+        help=KERNEL_HELP + "; a kernel other than auto is added to the default npz name")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < (2 if args.sampler == "sde" else 1):
         parser.error(f"--steps must be >= {2 if args.sampler == 'sde' else 1} for --sampler "

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from checkpoint import (RunLog, in_range, latest_checkpoint, load_checkpoint, load_torch_file,
+from checkpoint import (RunLog, default_device, in_range, latest_checkpoint, load_checkpoint, load_torch_file,
                         remove_partial_files, run_distributed, save_checkpoint, step_seed)
 from data import LatentSet, extract_latents, format_duration, latent_decoder, load_data, to_model_space
 from flow import flow_matching_loss, write_sample_grid
@@ -438,7 +438,7 @@ def parse_args(argv=None):
     if args.router == "dar":
         try:
             check_chunk(args.chunk, depth, args.model)
-            check_kernel(args.kernel, training_device())
+            check_kernel(args.kernel, default_device())
         except ValueError as err:
             parser.error(str(err))
     if args.repa_depth is not None and args.repa_depth > depth:
@@ -448,14 +448,9 @@ def parse_args(argv=None):
     return args
 
 
-def training_device():
-    """Where train.py trains: CUDA where there is one (a GPU per process under torchrun), else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv=None):
     args = parse_args(argv)
-    run_distributed(extract_latents if args.extract_latents else train, args, training_device(),
+    run_distributed(extract_latents if args.extract_latents else train, args, default_device(),
                     rerun="run the same command again: the extraction resumes" if args.extract_latents
                     else "continue with the same command and --resume auto")
 
