@@ -50,7 +50,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from checkpoint import default_device, in_range
+from checkpoint import default_device, in_range, keep_freed_memory
 from flow import flow_matching_loss, guided_velocity
 from model import SIT_SIZES, SiT, SiT_models, create_model
 from router import KERNELS, QUERIES, RMS_EPS, Trace, cpu_dar_mix, dar_mix
@@ -343,6 +343,8 @@ def bench_step(args):
         if label not in labels:
             raise SystemExit(f"--routers {label!r}: choose from {', '.join(labels)}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if args.op == "sample" and device.type == "cpu":
+        keep_freed_memory()  # as sample.py does
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     what = {"step": "training step", "sample": "sampling (one model evaluation, no grad)",
             "host": f"host work of a training step (width {HOST_WIDTH}, the fused kernel's launches stubbed)"}[args.op]

@@ -17,11 +17,13 @@ recent_losses, the history of train.py's divergence guard). Files are written th
 The command lines of the scripts check the range of every number they take with `in_range`.
 """
 import argparse
+import ctypes
 import datetime
 import json
 import math
 import os
 import pickle
+import platform
 import re
 import shutil
 import signal
@@ -379,6 +381,22 @@ def in_range(kind, low=None, high=None, high_excluded=False):
         return value
 
     return parse
+
+
+def keep_freed_memory():
+    """Where the C library is glibc (Linux), keep the memory that freed tensors leave for the next ones, instead of
+    handing it back to the OS; returns whether it could. By default glibc serves blocks over a threshold that it
+    adapts as it goes with fresh mappings, and returns its heap's free top once that passes twice the threshold:
+    a model's evaluation on CPU then often takes its activations' pages from the OS again, each first touch a page
+    fault (0 to 37,000 per SiT-D/4 evaluation at batch 32, most where a DAR model keeps its sources alive). With
+    blocks under 32 MiB served from the heap and the heap kept (its peak stays held until the process ends), a DAR
+    chunk-4 evaluation of sample.py's was about 10% faster, residual's 2-3% (docs/kernel.md). sample.py and
+    bench.py --op sample call it for CPU runs; a training step measured no different, so train.py does not."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 def default_device():

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import (default_device, device_arg, in_range, load_model, load_torch_file, resolve_checkpoint, run_distributed,
-                        write_atomically)
+from checkpoint import (default_device, device_arg, in_range, keep_freed_memory, load_model, load_torch_file,
+                        resolve_checkpoint, run_distributed, write_atomically)
 from data import latent_decoder, save_grid
 from flow import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample_batch
 from router import KERNEL_HELP, KERNELS, check_kernel
@@ -141,6 +141,8 @@ def run(args, rank, world_size, device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()  # each evaluation reuses the last one's memory instead of faulting pages in again
     checkpoint_path = resolve_checkpoint(args.ckpt, args.results_dir)
     model, checkpoint = load_model(checkpoint_path, ema=not args.no_ema, device=device, kernel=args.kernel)
     choose_sampler(args, checkpoint)
