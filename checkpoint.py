@@ -388,10 +388,10 @@ def keep_freed_memory():
     handing it back to the OS; returns whether it could. By default glibc serves blocks over a threshold that it
     adapts as it goes with fresh mappings, and returns its heap's free top once that passes twice the threshold:
     a model's evaluation on CPU then often takes its activations' pages from the OS again, each first touch a page
-    fault (0 to 37,000 per SiT-D/4 evaluation at batch 32, most where a DAR model keeps its sources alive). With
-    blocks under 32 MiB served from the heap and the heap kept (its peak stays held until the process ends), a DAR
-    chunk-4 evaluation of sample.py's was about 10% faster, residual's 2-3% (docs/kernel.md). sample.py and
-    bench.py --op sample call it for CPU runs; a training step measured no different, so train.py does not."""
+    fault (0 to 37,000 per SiT-D/4 evaluation at batch 32). With blocks under 32 MiB served from the heap and the
+    heap kept (its peak stays held until the process ends), a DAR evaluation there took up to 8% less time at chunk 4
+    and 15% less dense, residual's the same (docs/kernel-log.md). sample.py and bench.py --op sample call it on
+    CPU; a training step measured no different, so train.py does not."""
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
