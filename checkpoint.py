@@ -244,12 +244,13 @@ def load_torch_file(path, device, what, hint="", mmap=False):
         raise ValueError(f"{what} {path} is truncated or corrupt ({first_line(err)}){hint}") from None
 
 
-def load_checkpoint(path, device="cpu"):
-    """torch.load a train.py checkpoint; a missing, truncated or corrupt file is a clear error."""
-    checkpoint = load_torch_file(path, device, "checkpoint", "; use an earlier checkpoint from its folder")
+def load_checkpoint(path, device="cpu", what="checkpoint"):
+    """torch.load a train.py checkpoint; a missing, truncated or corrupt file is a clear error that calls it `what`
+    (the flag that named it, e.g. "--resume")."""
+    checkpoint = load_torch_file(path, device, what, "; use an earlier checkpoint from its folder")
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
     if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
+        raise ValueError(f"{what} {path} is not a train.py checkpoint (missing {', '.join(missing)})")
     return checkpoint
 
 

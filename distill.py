@@ -268,7 +268,7 @@ def distill(args):
     resume_path = latest_checkpoint(run_dir) if args.resume == "auto" else args.resume
     start_step, earlier_time = 0, 0.0
     if resume_path:
-        checkpoint = load_checkpoint(resume_path, device)
+        checkpoint = load_checkpoint(resume_path, device, "--resume")
         check_resume_compatible(checkpoint, resume_path, config, teacher_path, args)
         generator.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])

@@ -367,8 +367,10 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
         with pytest.raises(ValueError, match="truncated or corrupt"):
             load_model(path)
     base = [str(a) for a in finished_run["args"]] + ["--run-name", "corrupt"]
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="^--resume .*truncated.pt is truncated or corrupt"):
         train.main(base + ["--resume", str(truncated)])
+    with pytest.raises(ValueError, match="^--resume .* is a directory; expected a checkpoint file"):
+        train.main(base + ["--resume", str(finished_run["run_dir"])])
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.pt")
 

@@ -311,7 +311,7 @@ def resume(args, run_dir, device, model_config, data_info, states):
                              f"or choose another --run-name / --results-dir")
         note = f"--resume auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch"
         return 0, recent, None, note if args.resume == "auto" else None
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path, device, "--resume")
     check_resume_compatible(checkpoint, path, model_config, data_info, states["repa_projector"] is not None)
     for name, module in states.items():
         if module is not None:
