@@ -207,10 +207,11 @@ def router_implementations(names, device):
         elif name == "cpu":
             implementations[name] = lambda sources, query, gain: cpu_dar_mix(sources, query, gain)[0]
         elif name == "triton":
-            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise SystemExit("--impls triton: the fused kernel needs --device cuda (or TRITON_INTERPRET=1 "
-                                 "to run it in Triton's interpreter, which times nothing useful)")
-            from router_triton import fused_dar_mix
+            from router_triton import fused_dar_mix, kernel_device
+            if device.type != kernel_device():
+                raise SystemExit(f"--impls triton: the fused kernel runs on {kernel_device()} in this process, not "
+                                 f"--device {device.type} (--device cuda compiled; --device cpu in Triton's "
+                                 f"interpreter, TRITON_INTERPRET=1, which times nothing useful)")
             implementations[name] = lambda sources, query, gain: fused_dar_mix(
                 sources, query, gain, RMS_EPS, return_alpha=False)[0]
         else:

@@ -97,6 +97,15 @@ def test_router_bench_runs_the_cpu_op(capsys):
     assert "(-" in rows[1][6] or "(+0.0%)" in rows[1][6]  # the op saves less for the backward than dar_mix
 
 
+def test_router_bench_refuses_triton_where_its_kernels_do_not_run(monkeypatch):
+    """--impls triton on a device the fused kernel does not run on in this process (compiled: CUDA only)."""
+    import router_triton
+    monkeypatch.setattr(router_triton, "kernel_device", lambda: "cuda")
+    with pytest.raises(SystemExit, match="--impls triton: the fused kernel runs on cuda in this process, not "
+                                         "--device cpu"):
+        bench.main(["--op", "router", "--device", "cpu", "--impls", "torch,triton", "--repeats", "1"])
+
+
 def test_gpu_checks_skip_in_one_line_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: bash .ci/gpu would run the checks")
