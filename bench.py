@@ -207,7 +207,10 @@ def router_implementations(names, device):
         elif name == "cpu":
             implementations[name] = lambda sources, query, gain: cpu_dar_mix(sources, query, gain)[0]
         elif name == "triton":
-            from router_triton import fused_dar_mix, kernel_device
+            try:
+                from router_triton import fused_dar_mix, kernel_device
+            except ImportError as err:
+                raise SystemExit(f"--impls triton needs the triton package ({err})") from None
             if device.type != kernel_device():
                 raise SystemExit(f"--impls triton: the fused kernel runs on {kernel_device()} in this process, not "
                                  f"--device {device.type} (--device cuda compiled; --device cpu in Triton's "

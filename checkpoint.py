@@ -2,7 +2,8 @@
 
 Not a script: train.py and distill.py write checkpoints with `save_checkpoint`, derive their random draws
 from `step_seed` and log with `RunLog`; sample.py, fid.py, diagnose.py, study.py and distill.py find and
-load them; train.py and sample.py run under torchrun through `run_distributed`.
+load them; train.py and sample.py run under torchrun through `run_distributed`; sample.py keeps the memory
+that tensors free for reuse on CPU (`keep_freed_memory`).
 
     model, checkpoint = load_model(latest_checkpoint("results/SiT-T-4-dar-static-c4"))   # EMA weights, eval mode
 
@@ -261,10 +262,10 @@ def on_this_machine(model_config, kernel="auto"):
     return dict(model_config, kernel=kernel)
 
 
-def load_model(path, ema=True, device="cpu", kernel="auto"):
+def load_model(path, ema=True, device="cpu", kernel="auto", what="checkpoint"):
     """(the SiT of a checkpoint with its EMA (or raw) weights, in eval mode, the checkpoint dict); a DAR model
-    computes Eq. 5 with `kernel` (on_this_machine)."""
-    checkpoint = load_checkpoint(path, device)
+    computes Eq. 5 with `kernel` (on_this_machine); errors call the file `what`."""
+    checkpoint = load_checkpoint(path, device, what)
     config = on_this_machine(checkpoint["model_config"], kernel)
     model = create_model(config.pop("name"), **config)
     model.load_state_dict(checkpoint["ema" if ema else "model"])
@@ -358,6 +359,22 @@ def run_distributed(work, args, device, rerun="run the same command again"):
         dist.destroy_process_group()
 
 
+def keep_freed_memory():
+    """Where the C library is glibc (Linux), keep the memory that freed tensors leave for the next ones, instead of
+    handing it back to the OS; returns whether it could. By default glibc serves blocks over a threshold that it
+    adapts as it goes with fresh mappings, and returns its heap's free top once that passes twice the threshold:
+    a model's evaluation on CPU then often takes its activations' pages from the OS again, each first touch a page
+    fault (a median of 18,000 per DAR chunk-4 evaluation of SiT-D/4 at batch 32, 23,000 dense, 0 for residual's).
+    With blocks under 32 MiB served from the heap and up to 1 GiB of freed memory held for reuse, none faulted,
+    and DAR's evaluations there took 12-13% less time, residual's the same (docs/kernel-log.md). sample.py and
+    bench.py --op sample call it on CPU; a training step measured no different, so train.py does not."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 #################################################################################
 #                                 Command lines                                 #
 #################################################################################
@@ -382,22 +399,6 @@ def in_range(kind, low=None, high=None, high_excluded=False):
         return value
 
     return parse
-
-
-def keep_freed_memory():
-    """Where the C library is glibc (Linux), keep the memory that freed tensors leave for the next ones, instead of
-    handing it back to the OS; returns whether it could. By default glibc serves blocks over a threshold that it
-    adapts as it goes with fresh mappings, and returns its heap's free top once that passes twice the threshold:
-    a model's evaluation on CPU then often takes its activations' pages from the OS again, each first touch a page
-    fault (0 to 37,000 per SiT-D/4 evaluation at batch 32). With blocks under 32 MiB served from the heap and the
-    heap kept (its peak stays held until the process ends), a DAR evaluation there took up to 8% less time at chunk 4
-    and 15% less dense, residual's the same (docs/kernel-log.md). sample.py and bench.py --op sample call it on
-    CPU; a training step measured no different, so train.py does not."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 def default_device():

@@ -313,7 +313,8 @@ def diagnose_model(model, images, labels, t_grid, layers, batch_size=64, seed=0)
 def diagnose_checkpoint(path, args):
     """Load one checkpoint and its held-out images, and return its report."""
     path = resolve_checkpoint(path, args.results_dir)
-    model, ckpt = load_model(path, ema=args.weights == "ema", device=args.device, kernel=args.kernel)
+    model, ckpt = load_model(path, ema=args.weights == "ema", device=args.device, kernel=args.kernel,
+                            what="--ckpt")
     images, labels = held_out_images(ckpt["data"], args.num_images, args.data_dir)
     layers = parse_layers(args.layers, model.depth)
     config = ckpt["model_config"]

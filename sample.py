@@ -144,7 +144,8 @@ def run(args, rank, world_size, device):
     else:
         keep_freed_memory()  # each evaluation reuses the last one's memory instead of faulting pages in again
     checkpoint_path = resolve_checkpoint(args.ckpt, args.results_dir)
-    model, checkpoint = load_model(checkpoint_path, ema=not args.no_ema, device=device, kernel=args.kernel)
+    model, checkpoint = load_model(checkpoint_path, ema=not args.no_ema, device=device, kernel=args.kernel,
+                                   what="--ckpt")
     choose_sampler(args, checkpoint)
     check_model(model, args)
     decode = latent_decoder(checkpoint["data"], args.vae, device)

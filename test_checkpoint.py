@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import sys
@@ -214,36 +215,42 @@ def test_a_cuda_index_beyond_the_machines_gpus_is_refused(monkeypatch):
         device_arg("cuda:1")
 
 
-BIG_BLOCK_THEN_FREE = """
-import ctypes, json, sys, torch
+EVALUATIONS_PAGE_FAULTS = """
+import json, resource, sys, torch
 from checkpoint import keep_freed_memory
-class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: bytes in the heap (arena), in mappings (hblkhd)
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+from model import create_model
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-before = libc.mallinfo2()
-block = torch.ones(6 << 20)  # 24 MiB
-during = libc.mallinfo2()
-del block
-after = libc.mallinfo2()
-print(json.dumps(dict(kept=kept, mapped=during.hblkhd - before.hblkhd, heap_grew=during.arena - before.arena,
-                      heap_shrank=during.arena - after.arena, heap_free_after=after.fordblks)))
+torch.manual_seed(0)
+model = create_model("SiT-D/4", input_size=32, in_channels=1, num_classes=10, router="dar", chunk=4).eval()
+x, t, y = torch.randn(32, 1, 32, 32), torch.rand(32), torch.randint(0, 10, (32,))
+with torch.no_grad():
+    for _ in range(2):  # the heap grows to its size over the first evaluations
+        model(x, t, y)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        model(x, t, y)
+print(json.dumps(dict(kept=kept, faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)))
 """
 
 
-def test_keep_freed_memory_serves_big_blocks_from_a_heap_it_keeps():
-    """keep_freed_memory (sample.py's CPU runs): a 24 MiB tensor comes from the heap, which keeps its memory once
-    the tensor is freed, where glibc would map it from the OS and unmap it on free (the control run)."""
+def test_keep_freed_memory_ends_the_page_faults_of_repeated_evaluations():
+    """keep_freed_memory (sample.py on CPU): four evaluations of a DAR SiT-D/4 at batch 32 reuse the memory the
+    ones before them freed, where with glibc's defaults (the control run) each takes tens of thousands of pages
+    from the OS again (measured: under 4,000 page faults in all against 35,000 to 95,000; with only one of its two
+    settings, 40,000 to 55,000). In a clean environment: no MALLOC_* or GLIBC_TUNABLES setting, no allocator
+    preloaded."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+
     def run(mode):
-        result = subprocess.run([sys.executable, "-c", BIG_BLOCK_THEN_FREE, mode], capture_output=True, text=True,
-                                cwd=Path(__file__).parent)
+        result = subprocess.run([sys.executable, "-c", EVALUATIONS_PAGE_FAULTS, mode], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, env=env)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    mib = 1 << 20
     kept, default = run("keep"), run("default")
-    assert kept["kept"] is True  # Linux with glibc, as CI
-    assert kept["mapped"] < 24 * mib and kept["heap_shrank"] == 0 and kept["heap_free_after"] >= 24 * mib, kept
-    assert default["mapped"] >= 24 * mib and default["heap_grew"] < 24 * mib, default
+    if platform.libc_ver()[0] != "glibc":  # nothing to set: the function says so
+        assert kept["kept"] is False
+        return
+    assert kept["kept"] is True
+    assert kept["faults"] < 10_000 < 20_000 < default["faults"], (kept, default)

@@ -24,6 +24,7 @@ import torch.nn as nn
 from PIL import Image
 
 import data
+import sample
 import train
 from checkpoint import latest_checkpoint, load_checkpoint, load_model
 from model import create_model
@@ -371,6 +372,8 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
         train.main(base + ["--resume", str(truncated)])
     with pytest.raises(ValueError, match="^--resume .* is a directory; expected a checkpoint file"):
         train.main(base + ["--resume", str(finished_run["run_dir"])])
+    with pytest.raises(ValueError, match="^--ckpt .*truncated.pt is truncated or corrupt"):  # sample.py's flag
+        sample.main(["--ckpt", str(truncated), "--out", str(tmp_path / "x.npz")])
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.pt")
 
