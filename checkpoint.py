@@ -72,6 +72,11 @@ def write_atomically(path, write, what, hint=""):
     return path
 
 
+def write_json_atomically(path, value, what, indent=None):
+    """`value` as JSON into `path`, through write_atomically."""
+    return write_atomically(path, lambda f: f.write(json.dumps(value, indent=indent).encode()), what)
+
+
 def remove_partial_files(*folders):
     """Delete the temp files (.<name>.tmp) that a writer killed mid-write left in `folders`; their paths."""
     found = [p for folder in map(Path, folders) if folder.is_dir() for p in sorted(folder.glob(".*.tmp"))]

